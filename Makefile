@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make quickstart` (train on the tiny model, end to end) and
+# `make test`. `make install` sets up .venv first; both targets run it when needed.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+
+.PHONY: install quickstart test test-fast lint clean
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	@# No NVIDIA GPU: take the CPU build of torch first (this machine kind keeps its wheel on
+	@# disk); with a GPU, pip resolves torch from pyproject.toml and gets a CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "torch==2.13.0"; fi
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: .venv/.installed
+
+quickstart: install
+	.venv/bin/bentolora-models build-tiny
+	$(PY) -m train sample-data data/sample
+	$(PY) -m train --config configs/quickstart.yaml
+
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf .venv runs data .pytest_cache

@@ -1,0 +1,122 @@
+"""`python -m models` / `bentolora-models`: put bases into the model store and look at what is there.
+
+    bentolora-models build-tiny                      # the tiny test base, as sdxl-tiny
+    bentolora-models import stabilityai/stable-diffusion-xl-base-1.0 --name sdxl-base \\
+        --vae madebyollin/sdxl-vae-fp16-fix
+    bentolora-models list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, OSError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bentolora-models", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser(
+        "build-tiny", help="build the tiny SDXL-architecture base (tests, quickstart)"
+    )
+    tiny.add_argument("--name", default="sdxl-tiny")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    full = sub.add_parser(
+        "build-full-size", help="full-size SDXL architecture, random weights (benchmarks)"
+    )
+    full.add_argument("--name", default="sdxl-arch")
+    full.add_argument("--dtype", default="bfloat16")
+
+    imp = sub.add_parser(
+        "import", help="import a base from a hub id, diffusers folder or .safetensors file"
+    )
+    imp.add_argument("source", help="hub id (org/name), folder, or single .safetensors file")
+    imp.add_argument("--name", default="sdxl-base", help="store name of the base")
+    imp.add_argument("--dtype", default="float16", help="float32, float16 or bfloat16")
+    imp.add_argument("--vae", help="VAE to use instead (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    imp.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    imp.add_argument("--variant", help="hub weight variant, e.g. fp16")
+    imp.add_argument(
+        "--config",
+        dest="single_file_config",
+        help="for a single file: diffusers config folder or hub id",
+    )
+
+    sub.add_parser("list", help="bases and adapters in the store")
+    show = sub.add_parser("show", help="metadata of one entry as JSON")
+    show.add_argument("tag")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.bases import import_base, save_base
+    from models.store import list_entries
+
+    if args.command == "build-tiny":
+        from models.tiny import build_tiny_pipeline
+
+        entry = save_base(
+            build_tiny_pipeline(args.seed),
+            args.name,
+            source=f"tiny:seed={args.seed}",
+            reuse_identical=True,
+        )
+        print(f"base: {entry.tag}")
+    elif args.command == "build-full-size":
+        from models.bases import parse_dtype
+        from models.full_size import build_full_size_pipeline
+
+        pipe = build_full_size_pipeline(dtype=parse_dtype(args.dtype))
+        entry = save_base(pipe, args.name, source="random:sdxl-1.0-architecture")
+        print(f"base: {entry.tag}")
+    elif args.command == "import":
+        entry = import_base(
+            args.source,
+            args.name,
+            dtype=args.dtype,
+            vae=args.vae,
+            revision=args.revision,
+            variant=args.variant,
+            single_file_config=args.single_file_config,
+        )
+        print(f"base: {entry.tag}")
+    elif args.command == "list":
+        rows = [
+            (e.tag, e.labels.get("bentolora.kind", "?"), e.labels.get("bentolora.base", ""))
+            for e in list_entries()
+        ]
+        print(f"{'tag':48} {'kind':8} base")
+        for tag, kind, base in rows:
+            print(f"{tag:48} {kind:8} {base}")
+    elif args.command == "show":
+        from models.store import get_entry
+
+        entry = get_entry(args.tag)
+        print(
+            json.dumps(
+                {"tag": entry.tag, "labels": entry.labels, "metadata": entry.metadata},
+                indent=2,
+                default=str,
+            )
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

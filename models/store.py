@@ -1,0 +1,187 @@
+"""Reads and writes of the BentoML model store: bases (`sdxl-*`) and adapters (`lora-*`).
+
+Every write is atomic: the entry is built in a staging folder on the store's file system and
+renamed into place, then `latest` is repointed by another rename. A crash at any instant leaves
+either no new version or a complete one, and `latest` never names a partial entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import attr
+import bentoml
+from bentoml._internal.models.model import Model, ModelContext
+from bentoml.exceptions import NotFound
+
+log = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "lora-"
+KIND_LABEL = "bentolora.kind"
+BASE_LABEL = "bentolora.base"
+
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
+NAME_RULE = (
+    "1-64 characters of a-z, 0-9, '.', '_' or '-', starting and ending with a letter or digit"
+)
+
+
+class StoreError(LookupError):
+    """A store entry is missing, of the wrong kind, or cannot be written."""
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """One version of a base or adapter in the model store."""
+
+    tag: str
+    path: Path
+    labels: dict[str, str]
+    metadata: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.tag.split(":", 1)[0]
+
+    @property
+    def version(self) -> str:
+        return self.tag.split(":", 1)[1]
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Return `name` if it is a valid store name, else raise naming the rule."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise StoreError(f"{what} {name!r} is not allowed: use {NAME_RULE}")
+    return name
+
+
+def adapter_store_name(name: str) -> str:
+    """`style` -> `lora-style`; a name that already has the prefix is kept."""
+    name = name.split(":", 1)[0]
+    return name if name.startswith(ADAPTER_PREFIX) else ADAPTER_PREFIX + name
+
+
+def _model_store():
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return BentoMLContainer.model_store.get()
+
+
+def store_root() -> Path:
+    """The folder the model store lives in (`$BENTOML_HOME/models`)."""
+    return Path(_model_store()._path)
+
+
+def _entry(model: bentoml.Model) -> StoreEntry:
+    info = model.info
+    return StoreEntry(
+        tag=str(model.tag),
+        path=Path(model.path),
+        labels=dict(info.labels),
+        metadata=dict(info.metadata),
+    )
+
+
+def get_entry(tag: str, kind: str | None = None) -> StoreEntry:
+    """Find a store entry by `name` (latest version) or `name:version`."""
+    try:
+        model = bentoml.models.get(tag)
+    except (NotFound, ValueError) as err:
+        names = sorted({str(m.tag.name) for m in bentoml.models.list()})
+        raise StoreError(
+            f"{tag!r} is not in the model store at {store_root()}; present: {', '.join(names) or 'nothing'}"
+        ) from err
+    entry = _entry(model)
+    if kind is not None and entry.labels.get(KIND_LABEL) != kind:
+        raise StoreError(
+            f"{entry.tag} is a {entry.labels.get(KIND_LABEL, 'foreign model')}, not a {kind}"
+        )
+    return entry
+
+
+def list_entries(kind: str | None = None) -> list[StoreEntry]:
+    """All versions in the store, newest first, optionally of one kind (`base` or `adapter`)."""
+    entries = [_entry(m) for m in bentoml.models.list()]
+    if kind is not None:
+        entries = [e for e in entries if e.labels.get(KIND_LABEL) == kind]
+    by_time = {str(m.tag): m.info.creation_time for m in bentoml.models.list()}
+    return sorted(entries, key=lambda e: by_time[e.tag], reverse=True)
+
+
+@dataclass
+class Staged:
+    """A store entry being written: fill `path`, add to `metadata`, before the block ends."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tag: str = ""
+    """Set once the entry is published."""
+
+
+@contextmanager
+def create_entry(
+    name: str,
+    *,
+    kind: str,
+    labels: dict[str, str] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Iterator[Staged]:
+    """Yield an empty folder to fill; on a clean exit it becomes a new version, atomically.
+
+    The folder is staged beside the store (same file system), so publishing is one rename, and
+    on an exception (or a kill) nothing reaches the store. `bentoml models list` reads the result
+    like any other model: the `model.yaml` is BentoML's own, written by its `Model` class.
+    """
+    check_name(name)
+    root = store_root()
+    staging_root = root.parent / ".bentolora-staging"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
+    staged = Staged(stage, dict(metadata or {}))
+    try:
+        yield staged
+        model = Model.create(
+            name,
+            module="bentolora",
+            api_version="v1",
+            signatures={},
+            labels={KIND_LABEL: kind, **(labels or {})},
+            metadata=staged.metadata,
+            context=ModelContext(framework_name="bentolora", framework_versions={}),
+        )
+        shutil.rmtree(model.path, ignore_errors=True)  # the empty temp folder it made
+        model = attr.evolve(model, path=stage)
+        model.flush()  # model.yaml: tag, labels, metadata, creation time
+        model.validate()
+        _fsync_tree(stage)
+        final = root / model.tag.name / model.tag.version
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(stage, final)
+        _write_latest(final.parent, model.tag.version)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    log.info("saved %s", model.tag)
+    staged.tag = str(model.tag)
+
+
+def _write_latest(name_dir: Path, version: str) -> None:
+    tmp = name_dir / f".latest.{os.getpid()}"
+    tmp.write_text(version)
+    os.replace(tmp, name_dir / "latest")
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())

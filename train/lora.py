@@ -1,0 +1,97 @@
+"""Adding LoRA layers to the UNet (and optionally the text encoders) and reading them back out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from train.config import TrainConfig
+
+
+def lora_configs(config: TrainConfig) -> dict[str, LoraConfig]:
+    """The peft LoraConfig of each component that gets LoRA layers."""
+    common: dict[str, Any] = {
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "init_lora_weights": "gaussian",
+    }
+    configs = {"unet": LoraConfig(target_modules=list(config.target_modules), **common)}
+    if config.text_encoder_lora:
+        te = LoraConfig(target_modules=list(config.text_encoder_target_modules), **common)
+        configs["text_encoder"] = te
+        configs["text_encoder_2"] = te
+    return configs
+
+
+def add_lora(pipe: StableDiffusionXLPipeline, config: TrainConfig) -> dict[str, LoraConfig]:
+    """Freeze the pipeline and add LoRA layers (float32) to the configured components.
+
+    The new layers start as an identity update (B = 0), so step 0 reproduces the base.
+    """
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.requires_grad_(False)
+    configs = lora_configs(config)
+    for component, lora_config in configs.items():
+        module = getattr(pipe, component)
+        missing = [t for t in lora_config.target_modules if not _has_layer(module, t)]
+        if missing:
+            raise ValueError(
+                f"target_modules: {component} has no layers named {', '.join(sorted(missing))}"
+            )
+        module.add_adapter(lora_config)
+        for param in module.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return configs
+
+
+def _has_layer(module: torch.nn.Module, target: str) -> bool:
+    return any(name == target or name.endswith("." + target) for name, _ in module.named_modules())
+
+
+def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The trainable tensors by `component.parameter_name`, what a checkpoint must keep."""
+    return {
+        f"{component}.{name}": param.detach().cpu().clone()
+        for component, module in modules.items()
+        for name, param in module.named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_trainable_state(
+    modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]
+) -> None:
+    """Copy checkpointed tensors back into the LoRA layers, refusing any mismatch."""
+    expected = {
+        f"{component}.{name}": param
+        for component, module in modules.items()
+        for name, param in module.named_parameters()
+        if param.requires_grad
+    }
+    if set(expected) != set(state):
+        missing = sorted(set(expected) - set(state))[:3]
+        extra = sorted(set(state) - set(expected))[:3]
+        raise ValueError(
+            f"checkpoint does not match this run's LoRA layers (missing {missing}, extra {extra})"
+        )
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(state[key].to(param.device, param.dtype))
+
+
+def diffusers_layers(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """LoRA weights per component in the key format `save_lora_weights` expects."""
+    return {
+        component: {
+            k: v.detach().float().cpu().contiguous()
+            for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(module)).items()
+        }
+        for component, module in modules.items()
+    }
