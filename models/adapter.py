@@ -8,7 +8,6 @@ load_lora_weights` reads as is (keys `unet.…`, `text_encoder.…`, `text_encod
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,11 +59,11 @@ class AdapterInfo:
     final_loss: float = float("nan")
     validation: dict[str, Any] = field(default_factory=dict)
     wall_time_s: float = 0.0
+    processes: int = 1
+    """Data-parallel processes the run used."""
 
     def to_metadata(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["final_loss"] = None if math.isnan(self.final_loss) else self.final_loss
-        return data
+        return asdict(self)
 
 
 def lora_layers(state_dict: Mapping[str, torch.Tensor], component: str) -> dict[str, torch.Tensor]:

@@ -351,6 +351,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
             final_loss=loss_value,
             validation=validation,
             wall_time_s=round(wall, 2),
+            processes=world,
         )
         entry = save_adapter(
             config.name, layers, info, lora_config={k: v.to_dict() for k, v in lora_config.items()}
