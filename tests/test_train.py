@@ -24,6 +24,9 @@ from train.metrics import read_metrics
 from train.validation import VALIDATION_SEED
 
 PROMPT = "a red circle on a blue background"
+# Attention-only LoRA on a random-weight UNet can barely move the loss; adding the input/output
+# convolutions and projections lets 60 steps overfit 8 images clearly (1.12 -> ~0.2).
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv_out", "proj_in", "proj_out")
 
 
 def config_for(sample_dir, tmp_path, **changes) -> TrainConfig:
@@ -36,7 +39,8 @@ def config_for(sample_dir, tmp_path, **changes) -> TrainConfig:
         resolution=64,
         rank=4,
         alpha=4.0,
-        learning_rate=2e-3,
+        learning_rate=5e-3,
+        target_modules=TARGETS,
         batch_size=4,
         max_steps=60,
         validation_prompts=(PROMPT,),
@@ -73,7 +77,7 @@ def test_overfitting_lowers_the_fixed_noise_loss(trained):
     _, result = trained
     before = result.validation["fixed_noise_loss_base"]
     after = result.validation["fixed_noise_loss"]
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.5 * before, (before, after)
 
 
 def test_adapter_lands_in_the_store_with_its_metadata(trained, tiny_base, sample_dir):
@@ -84,9 +88,9 @@ def test_adapter_lands_in_the_store_with_its_metadata(trained, tiny_base, sample
     assert meta["base_tag"] == tiny_base.tag
     assert meta["base_hash"] == tiny_base.metadata["content_hash"]
     assert (meta["rank"], meta["alpha"], meta["dropout"]) == (4, 4.0, 0.0)
-    assert meta["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert meta["target_modules"] == list(TARGETS)
     assert meta["text_encoder_lora"] is False
-    assert meta["training_config"]["learning_rate"] == 2e-3
+    assert meta["training_config"]["learning_rate"] == 5e-3
     assert meta["dataset"]["fingerprint"] and meta["dataset"]["examples"] == 8
     assert meta["steps"] == 60 and np.isfinite(meta["final_loss"])
     assert meta["validation"]["fixed_noise_loss"] == result.validation["fixed_noise_loss"]

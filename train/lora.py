@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -87,11 +86,15 @@ def load_trainable_state(
 
 
 def diffusers_layers(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    """LoRA weights per component in the key format `save_lora_weights` expects."""
+    """LoRA weights per component, in peft's `lora_A`/`lora_B` naming, which diffusers reads.
+
+    (diffusers' `convert_state_dict_to_diffusers` would rename attention layers to the old
+    `lora.down`/`lora.up` form but leave convolutions alone; a file mixing both loads wrongly.)
+    """
     return {
         component: {
             k: v.detach().float().cpu().contiguous()
-            for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(module)).items()
+            for k, v in get_peft_model_state_dict(module).items()
         }
         for component, module in modules.items()
     }
