@@ -7,7 +7,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
-from train.dataset import DatasetError
 
 from models.adapter import (
     apply_adapters,
@@ -19,6 +18,7 @@ from models.adapter import (
 from models.loading import load_pipeline
 from models.store import StoreError
 from train.config import TrainConfig
+from train.dataset import DatasetError
 from train.loop import TrainingError, train
 from train.metrics import read_metrics
 from train.validation import VALIDATION_SEED

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import random
 import resource
 import time
@@ -69,6 +70,13 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
     started = time.time()
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        # Each process would train alone on all the data and store its own adapter.
+        raise TrainingError(
+            f"launched as {launched} processes but they did not form a group (world size {world}); "
+            "on machines without GPUs set ACCELERATE_USE_CPU=1"
+        )
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     run_dir = config.run_dir()
     torch.manual_seed(derive_seed(config.seed, "init"))  # LoRA initialisation
