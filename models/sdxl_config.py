@@ -30,7 +30,6 @@ UNET_CONFIG = {
     "use_linear_projection": True,
     "cross_attention_dim": 2048,
     "addition_embed_type": "text_time",
-    "addition_time_embed_type": None,
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,
 }
