@@ -24,7 +24,11 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from models.sdxl_config import SCHEDULER_CONFIG
 
 TEXT_HIDDEN = 32
-"""Hidden size of each tiny text encoder; the UNet's cross-attention width is the sum of both."""
+"""Hidden size of the first tiny text encoder (CLIP-L's place)."""
+
+TEXT_HIDDEN_2 = 48
+"""Hidden size of the second (OpenCLIP-bigG's place). It differs from the first, as in SDXL
+(768 vs 1280): single-file loaders tell the two encoders apart by that width."""
 
 TIME_EMBED_DIM = 8
 """Width of each of the six micro-conditioning embeddings (SDXL uses 256)."""
@@ -45,15 +49,15 @@ def byte_level_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _text_config(vocab_size: int) -> CLIPTextConfig:
+def _text_config(vocab_size: int, hidden: int) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=TEXT_HIDDEN,
+        projection_dim=hidden,
         hidden_act="gelu",
         bos_token_id=0,
         eos_token_id=1,
@@ -66,8 +70,8 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed)
     tokenizer = byte_level_tokenizer()
     tokenizer_2 = byte_level_tokenizer()
-    text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer_2)))
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer), TEXT_HIDDEN))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer_2), TEXT_HIDDEN_2))
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -79,10 +83,10 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
-        cross_attention_dim=2 * TEXT_HIDDEN,
+        cross_attention_dim=TEXT_HIDDEN + TEXT_HIDDEN_2,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_HIDDEN,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_HIDDEN_2,
         norm_num_groups=32,
     )
     vae = AutoencoderKL(
