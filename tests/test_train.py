@@ -215,3 +215,97 @@ def test_nan_loss_stops_the_run_and_stores_nothing(tiny_base, sample_dir, tmp_pa
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d+"):
         train(config)
     assert all(e.name != "lora-diverges" for e in list_adapters())
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"text_encoder_lora": True, "cache_text_embeddings": False},
+        {"bucketing": True, "bucket_step": 16},
+        {"mixed_precision": "bf16"},
+        {"gradient_checkpointing": True},
+        {"crop": "random", "cache_latents": False, "flip": True},
+        {"prediction_type": "v_prediction", "snr_gamma": 5.0, "noise_offset": 0.05},
+        {
+            "lr_scheduler": "cosine_with_restarts",
+            "warmup_steps": 1,
+            "gradient_accumulation_steps": 2,
+        },
+    ],
+    ids=["te-lora", "buckets", "bf16", "grad-ckpt", "random-crop", "v-pred", "accumulation"],
+)
+def test_training_options_run_and_store(tiny_base, sample_dir, tmp_path, changes):
+    config = config_for(
+        sample_dir, tmp_path, name="options", max_steps=3, validation_prompts=(), **changes
+    )
+    result = train(config)
+    entry = get_adapter(result.tag)
+    assert entry.metadata["training_config"] | changes == entry.metadata["training_config"]
+    state = load_adapter_weights(weights_path(entry))
+    components = {k.split(".", 1)[0] for k in state}
+    expected = (
+        {"unet", "text_encoder", "text_encoder_2"} if changes.get("text_encoder_lora") else {"unet"}
+    )
+    assert components == expected
+    assert np.isfinite(result.final_loss)
+
+
+def test_text_encoder_lora_is_read_by_plain_diffusers(tiny_base, sample_dir, tmp_path):
+    config = config_for(
+        sample_dir,
+        tmp_path,
+        name="te",
+        max_steps=20,
+        text_encoder_lora=True,
+        cache_text_embeddings=False,
+        validation_every=0,
+    )
+    train(config)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_base.path)
+    pipe.load_lora_weights(
+        str(get_adapter("te").path), weight_name="pytorch_lora_weights.safetensors"
+    )
+    assert pipe.get_list_adapters().keys() == {"unet", "text_encoder", "text_encoder_2"}
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        PROMPT,
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(VALIDATION_SEED),
+    ).images[0]
+    rendered = Image.open(config.run_dir() / "validation" / "step-00000020" / "00.png")
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(rendered, dtype=int)).max() <= 1
+
+
+def test_buckets_train_on_mixed_shapes(tiny_base, tmp_path):
+    from train.sample_data import write_sample_dataset
+
+    data = write_sample_dataset(tmp_path / "mixed", count=4, size=64)
+    for i, size in enumerate([(96, 48), (48, 96)]):
+        Image.new("RGB", size, (200, 30, 30)).save(data / f"wide{i}.png")
+        (data / f"wide{i}.txt").write_text("a red rectangle")
+    config = config_for(
+        data,
+        tmp_path,
+        name="mixed",
+        bucketing=True,
+        bucket_step=16,
+        batch_size=2,
+        max_steps=4,
+        validation_prompts=(),
+    )
+    result = train(config)
+    assert np.isfinite(result.final_loss)
+
+
+def test_8bit_adam_without_bitsandbytes_says_how_to_get_it(tiny_base, sample_dir, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here; the message is for machines without it")
+    with pytest.raises(
+        ValueError, match=r"adamw8bit needs bitsandbytes \(pip install bentolora\[gpu\]\)"
+    ):
+        train(config_for(sample_dir, tmp_path, name="bnb", optimizer="adamw8bit", max_steps=1))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
@@ -68,6 +69,10 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read top to bottom
     started = time.time()
+    # A second run in the same process (a notebook, the tests) may ask for another precision;
+    # accelerate keeps it in a process-wide singleton, so clear that first (the process group,
+    # in PartialState, is kept).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
