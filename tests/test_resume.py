@@ -112,6 +112,12 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_base, sample_d
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "adapter: lora-interrupted:" in resumed.stdout
+    logged = [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
+    assert logged == list(range(1, STEPS + 1))  # no step logged twice across the kill
     got = load_adapter_weights(weights_path(get_adapter("interrupted")))
     assert got.keys() == expected.keys()
     for key in expected:

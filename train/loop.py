@@ -230,9 +230,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
         log.info("resumed from %s at step %d", checkpoint.path, start_step)
 
     metrics = (
-        MetricsLog(
-            run_dir, config.tensorboard and accelerator.is_main_process, append=bool(config.resume)
-        )
+        MetricsLog(run_dir, config.tensorboard, resume_step=start_step if config.resume else None)
         if accelerator.is_main_process
         else None
     )

@@ -13,10 +13,22 @@ log = logging.getLogger(__name__)
 class MetricsLog:
     """Appends one JSON object per record to `metrics.jsonl`; mirrors numbers to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, append: bool = False):
+    def __init__(
+        self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None
+    ):
+        """Start a new log, or, resuming at `resume_step`, keep the records up to that step only
+        (a killed run may have logged steps that the resumed run will compute again)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a" if append else "w")  # noqa: SIM115 - closed in close()
+        kept = ""
+        if resume_step is not None and self.path.exists():
+            kept = "".join(
+                line + "\n"
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            )
+        self._file = open(self.path, "w")  # noqa: SIM115 - closed in close()
+        self._file.write(kept)
         self._writer = None
         if tensorboard:
             try:
