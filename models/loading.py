@@ -95,7 +95,7 @@ def load_pipeline(
     """
     resolved = resolve_source(source)
     log.info("loading pipeline from %s (%s)", resolved.describe(), dtype)
-    kwargs: dict = {"torch_dtype": dtype}
+    kwargs: dict = {"dtype": dtype}
     if vae is not None:
         kwargs["vae"] = load_vae(vae, dtype=dtype)
     if resolved.kind == "store":
@@ -126,10 +126,10 @@ def load_vae(source: str | Path, *, dtype: torch.dtype = torch.float32) -> Autoe
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise ModelSourceError(f"VAE {text}: no such file")
-        return AutoencoderKL.from_single_file(str(path), torch_dtype=dtype)
+        return AutoencoderKL.from_single_file(str(path), dtype=dtype)
     if path.is_dir():
         sub = path / "vae" if (path / "vae" / "config.json").is_file() else path
-        return AutoencoderKL.from_pretrained(sub, torch_dtype=dtype)
+        return AutoencoderKL.from_pretrained(sub, dtype=dtype)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return AutoencoderKL.from_pretrained(text, torch_dtype=dtype)
+        return AutoencoderKL.from_pretrained(text, dtype=dtype)
     raise ModelSourceError(f"VAE {text}: not a folder, a .safetensors file or a hub id")
