@@ -73,6 +73,26 @@ def render(pipe, seed=7, steps=4) -> np.ndarray:
     ).images[0]
 
 
+def assert_diffusers_reproduces(base, entry, run_dir, step: int) -> StableDiffusionXLPipeline:
+    """Stock diffusers with the stored file renders the validation image the trainer made in memory."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(base.path)
+    pipe.load_lora_weights(str(entry.path), weight_name="pytorch_lora_weights.safetensors")
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        PROMPT,
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(VALIDATION_SEED),
+    ).images[0]
+    rendered = Image.open(run_dir / "validation" / f"step-{step:08d}" / "00.png")
+    diff = np.abs(np.asarray(image, dtype=int) - np.asarray(rendered, dtype=int))
+    # Both are 8-bit PNGs of the same float computation; allow one level of rounding.
+    assert diff.max() <= 1, diff.max()
+    return pipe
+
+
 def test_overfitting_lowers_the_fixed_noise_loss(trained):
     _, result = trained
     before = result.validation["fixed_noise_loss_base"]
@@ -116,21 +136,8 @@ def test_plain_diffusers_reproduces_the_trained_model(trained, tiny_base):
     """The stored file, read by stock diffusers, gives the image the trainer rendered in memory."""
     config, result = trained
     entry = get_adapter(result.tag)
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_base.path)
-    pipe.load_lora_weights(str(entry.path), weight_name="pytorch_lora_weights.safetensors")
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe(
-        PROMPT,
-        height=64,
-        width=64,
-        num_inference_steps=4,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(VALIDATION_SEED),
-    ).images[0]
-    rendered = Image.open(config.run_dir() / "validation" / "step-00000060" / "00.png")
-    diff = np.abs(np.asarray(image, dtype=int) - np.asarray(rendered, dtype=int))
-    # Both are 8-bit PNGs of the same float computation; allow one level of rounding.
-    assert diff.max() <= 1, diff.max()
+    pipe = assert_diffusers_reproduces(tiny_base, entry, config.run_dir(), step=60)
+    assert pipe.get_list_adapters().keys() == {"unet"}
 
 
 def test_project_loader_matches_plain_diffusers_and_scale_zero_is_the_base(trained, tiny_base):
@@ -261,22 +268,8 @@ def test_text_encoder_lora_is_read_by_plain_diffusers(tiny_base, sample_dir, tmp
         validation_every=0,
     )
     train(config)
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_base.path)
-    pipe.load_lora_weights(
-        str(get_adapter("te").path), weight_name="pytorch_lora_weights.safetensors"
-    )
+    pipe = assert_diffusers_reproduces(tiny_base, get_adapter("te"), config.run_dir(), step=20)
     assert pipe.get_list_adapters().keys() == {"unet", "text_encoder", "text_encoder_2"}
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe(
-        PROMPT,
-        height=64,
-        width=64,
-        num_inference_steps=4,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(VALIDATION_SEED),
-    ).images[0]
-    rendered = Image.open(config.run_dir() / "validation" / "step-00000020" / "00.png")
-    assert np.abs(np.asarray(image, dtype=int) - np.asarray(rendered, dtype=int)).max() <= 1
 
 
 def test_buckets_train_on_mixed_shapes(tiny_base, tmp_path):

@@ -7,7 +7,6 @@ verify.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from models.hashing import hash_file
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def save_checkpoint(
     save_file({k: v.contiguous() for k, v in trainable.items()}, tmp / "lora.safetensors")
     torch.save({"optimizer": optimizer, "lr_scheduler": lr_scheduler}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    sums = {f.name: hash_file(f) for f in sorted(tmp.iterdir())}
     (tmp / "checksums.json").write_text(json.dumps(sums, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as handle:
@@ -81,19 +82,13 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def is_valid(folder: Path) -> bool:
     """True when every file listed in checksums.json is present with the recorded hash."""
     try:
         sums = json.loads((folder / "checksums.json").read_text())
-        return bool(sums) and all(_sha256(folder / name) == digest for name, digest in sums.items())
+        return bool(sums) and all(
+            hash_file(folder / name) == digest for name, digest in sums.items()
+        )
     except (OSError, ValueError):
         return False
 

@@ -22,6 +22,8 @@ from typing import Any
 
 from PIL import Image
 
+from models.hashing import hash_file
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -59,7 +61,7 @@ class DatasetScan:
         digest = hashlib.sha256()
         for example in self.examples:
             digest.update(example.path.relative_to(self.root).as_posix().encode() + b"\0")
-            digest.update(_file_hash(example.path).encode() + b"\0")
+            digest.update(hash_file(example.path).encode() + b"\0")
             digest.update(example.caption.encode() + b"\0")
         return digest.hexdigest()
 
@@ -74,14 +76,6 @@ class DatasetScan:
             "skipped_reasons": dict(reasons),
             "fingerprint": self.fingerprint(),
         }
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def scan_dataset(
