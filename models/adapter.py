@@ -183,6 +183,8 @@ def _check_key(key: str, tensor: torch.Tensor, pipe: StableDiffusionXLPipeline) 
         layer = getattr(pipe, component).get_submodule(module_path)
     except AttributeError:
         return f"{key}: the base has no layer {component}.{module_path}"
+    # A layer that already carries LoRA (another adapter loaded) wraps the original one.
+    layer = getattr(layer, "base_layer", layer)
     if isinstance(layer, torch.nn.Linear):
         fan_in, fan_out = layer.in_features, layer.out_features
     elif isinstance(layer, torch.nn.Conv2d):

@@ -46,6 +46,9 @@ def group_key(request: GenerateRequest) -> tuple:
         request.guidance,
         request.scheduler,
         tuple((a.name, a.scale) for a in request.adapters),
+        # An empty negative prompt means zeroed negative embeddings in SDXL (as diffusers does
+        # for None), which a batch can only express for all its members at once.
+        bool(request.negative_prompt),
     )
 
 
@@ -110,7 +113,9 @@ class Engine:
             self.pipe.scheduler = make_scheduler(first.scheduler, self.scheduler_config)
             images = self.pipe(
                 prompt=[requests[i].prompt for i, _ in chunk],
-                negative_prompt=[requests[i].negative_prompt for i, _ in chunk],
+                negative_prompt=[requests[i].negative_prompt for i, _ in chunk]
+                if first.negative_prompt
+                else None,
                 width=first.width,
                 height=first.height,
                 num_inference_steps=first.steps,

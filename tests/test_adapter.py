@@ -100,3 +100,13 @@ def test_an_adapter_for_another_base_is_refused(tiny_base, tiny_pipe):
     with pytest.raises(AdapterError, match="was made for base"):
         apply_adapters(tiny_pipe, [(entry, 1.0)], base=tiny_base)
     assert tiny_pipe.get_list_adapters() == {}  # nothing was loaded
+
+
+def test_fits_a_pipeline_that_already_carries_another_adapter(tiny_pipe):
+    tiny_pipe.load_lora_weights(lora(), adapter_name="first")
+    try:
+        check_fits(lora(), tiny_pipe)  # the layer is now peft's wrapper around the Linear
+        with pytest.raises(AdapterError, match="does not fit"):
+            check_fits(lora(fan_in=32), tiny_pipe)
+    finally:
+        tiny_pipe.delete_adapters("first")
