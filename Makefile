@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install quickstart test test-fast lint clean
+.PHONY: install quickstart serve test test-fast lint clean
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -20,6 +20,12 @@ quickstart: install
 	.venv/bin/bentolora-models build-tiny
 	$(PY) -m train sample-data data/sample
 	$(PY) -m train --config configs/quickstart.yaml
+
+# Serve the tiny base and every adapter made for it (after `make quickstart`) on port 3000.
+serve: install
+	.venv/bin/bentolora-models build-tiny
+	.venv/bin/bentolora-models build-tiny-clip
+	BENTOLORA_BASE=sdxl-tiny BENTOLORA_CLIP=clip-tiny .venv/bin/bentoml serve service.service:SDXLLoRA
 
 lint: install
 	.venv/bin/ruff check .

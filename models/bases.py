@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from models.hashing import hash_folder
 from models.loading import load_pipeline, resolve_source
-from models.store import StoreEntry, create_entry, get_entry, list_entries
+from models.store import StoreEntry, create_entry, get_entry
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +24,6 @@ def parse_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}") from None
-
-
-class _AlreadyStored(Exception):
-    def __init__(self, entry: StoreEntry):
-        self.entry = entry
 
 
 def save_base(
@@ -47,33 +41,20 @@ def save_base(
     instead of adding a duplicate (so `build-tiny` can run before every quickstart).
     """
     dtype = str(pipe.unet.dtype).removeprefix("torch.")
-    try:
-        with create_entry(name, kind=KIND) as staged:
-            pipe.save_pretrained(staged.path, safe_serialization=True)
-            content_hash = hash_folder(staged.path)
-            if reuse_identical:
-                for existing in list_entries(KIND):
-                    if (
-                        existing.name == name
-                        and existing.metadata.get("content_hash") == content_hash
-                    ):
-                        raise _AlreadyStored(existing)
-            staged.metadata.update(
-                {
-                    "source": source,
-                    "revision": revision or "",
-                    "vae_source": vae_source or "",
-                    "content_hash": content_hash,
-                    "dtype": dtype,
-                    "parameters": {
-                        component: sum(p.numel() for p in getattr(pipe, component).parameters())
-                        for component in ("unet", "vae", "text_encoder", "text_encoder_2")
-                    },
-                }
-            )
-    except _AlreadyStored as same:
-        log.info("base %s already holds these weights", same.entry.tag)
-        return same.entry
+    with create_entry(name, kind=KIND, reuse_identical=reuse_identical) as staged:
+        pipe.save_pretrained(staged.path, safe_serialization=True)
+        staged.metadata.update(
+            {
+                "source": source,
+                "revision": revision or "",
+                "vae_source": vae_source or "",
+                "dtype": dtype,
+                "parameters": {
+                    component: sum(p.numel() for p in getattr(pipe, component).parameters())
+                    for component in ("unet", "vae", "text_encoder", "text_encoder_2")
+                },
+            }
+        )
     entry = get_entry(staged.tag, kind=KIND)
     log.info(
         "imported base %s from %s (hash %s)", entry.tag, source, entry.metadata["content_hash"][:12]

@@ -48,7 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="for a single file: diffusers config folder or hub id",
     )
 
-    sub.add_parser("list", help="bases and adapters in the store")
+    clip = sub.add_parser(
+        "build-tiny-clip", help="build the tiny random CLIP behind /score in tests"
+    )
+    clip.add_argument("--name", default="clip-tiny")
+    clip.add_argument("--seed", type=int, default=0)
+
+    imp_clip = sub.add_parser("import-clip", help="import a CLIP (hub id or folder) for /score")
+    imp_clip.add_argument("source", help="e.g. openai/clip-vit-large-patch14, or a local folder")
+    imp_clip.add_argument("--name", default="clip-l")
+
+    sub.add_parser("list", help="bases, adapters and CLIP models in the store")
     show = sub.add_parser("show", help="metadata of one entry as JSON")
     show.add_argument("tag")
     return parser
@@ -86,6 +96,21 @@ def run(args: argparse.Namespace) -> int:
             single_file_config=args.single_file_config,
         )
         print(f"base: {entry.tag}")
+    elif args.command == "build-tiny-clip":
+        from models.clip import build_tiny_clip, save_clip
+
+        entry = save_clip(
+            *build_tiny_clip(args.seed),
+            args.name,
+            source=f"tiny:seed={args.seed}",
+            reuse_identical=True,
+        )
+        print(f"clip: {entry.tag}")
+    elif args.command == "import-clip":
+        from models.clip import import_clip
+
+        entry = import_clip(args.source, args.name)
+        print(f"clip: {entry.tag}")
     elif args.command == "list":
         rows = [
             (e.tag, e.labels.get("bentolora.kind", "?"), e.labels.get("bentolora.base", ""))

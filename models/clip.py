@@ -55,8 +55,17 @@ def build_tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPTokenizer]:
     return CLIPModel(config).eval(), tokenizer
 
 
-def save_clip(model: CLIPModel, tokenizer: CLIPTokenizer, name: str, *, source: str) -> StoreEntry:
-    with create_entry(name, kind=KIND, metadata={"source": source}) as staged:
+def save_clip(
+    model: CLIPModel,
+    tokenizer: CLIPTokenizer,
+    name: str,
+    *,
+    source: str,
+    reuse_identical: bool = False,
+) -> StoreEntry:
+    with create_entry(
+        name, kind=KIND, metadata={"source": source}, reuse_identical=reuse_identical
+    ) as staged:
         model.save_pretrained(staged.path)
         tokenizer.save_pretrained(staged.path)
         staged.metadata["image_size"] = model.config.vision_config.image_size

@@ -23,6 +23,8 @@ import bentoml
 from bentoml._internal.models.model import Model, ModelContext
 from bentoml.exceptions import NotFound
 
+from models.hashing import hash_folder
+
 log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "lora-"
@@ -134,12 +136,16 @@ def create_entry(
     kind: str,
     labels: dict[str, str] | None = None,
     metadata: dict[str, Any] | None = None,
+    reuse_identical: bool = False,
 ) -> Iterator[Staged]:
     """Yield an empty folder to fill; on a clean exit it becomes a new version, atomically.
 
     The folder is staged beside the store (same file system), so publishing is one rename, and
     on an exception (or a kill) nothing reaches the store. `bentoml models list` reads the result
     like any other model: the `model.yaml` is BentoML's own, written by its `Model` class.
+    The content hash of the files goes into the metadata as `content_hash`; with
+    `reuse_identical`, a version of `name` holding the same files is kept instead of adding a twin
+    (so setup commands can run every time), and `staged.tag` names it.
     """
     check_name(name)
     root = store_root()
@@ -149,6 +155,17 @@ def create_entry(
     staged = Staged(stage, dict(metadata or {}))
     try:
         yield staged
+        staged.metadata["content_hash"] = hash_folder(stage)
+        if reuse_identical:
+            for existing in list_entries(kind):
+                if (
+                    existing.name == name
+                    and existing.metadata.get("content_hash") == staged.metadata["content_hash"]
+                ):
+                    shutil.rmtree(stage, ignore_errors=True)
+                    staged.tag = existing.tag
+                    log.info("%s already holds these files", existing.tag)
+                    return
         model = Model.create(
             name,
             module="bentolora",

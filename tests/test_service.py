@@ -230,3 +230,45 @@ def test_adapters_endpoint_lists_what_is_served(client):
 def test_health_endpoints(server):
     for path in ("/livez", "/readyz", "/metrics", "/docs.json", "/"):  # "/" is the Swagger UI
         assert urllib.request.urlopen(server + path).status == 200
+
+
+def test_command_line_generation(server, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cat.webp"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "--url",
+            server,
+            "generate",
+            "a cat",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--adapter",
+            "red=0.5",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "seed 3" in result.stdout and Image.open(out).format == "WEBP"
+    bad = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--url", server, "generate", " "],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 1 and "prompt is empty" in bad.stderr

@@ -1,32 +1,44 @@
 """Finding images and captions in the layouts users have.
 
 - a folder of images with a `.txt` caption beside each (`a.png` + `a.txt`), searched recursively;
-- Hugging Face imagefolder: `metadata.jsonl` or `metadata.csv` with a file column and a caption
-  column, paths relative to the folder.
+- Hugging Face imagefolder: `metadata.jsonl` or `metadata.csv` in the folder, with a file column
+  and a caption column, paths relative to the folder.
 
-Single bad images (undecodable, oversized, uncaptioned) are skipped and counted; problems with
-the dataset as a whole stop the run with a message naming the file, line or column.
+As in Hugging Face `datasets`, files and folders whose names start with `.` or `__` are ignored
+(`.ipynb_checkpoints`, `__MACOSX`, macOS `._a.png` resource forks would otherwise show up as
+duplicate or broken images).
+
+A single bad image (undecodable, too large, uncaptioned, missing) is skipped, counted and logged,
+so one broken download does not stop a long run; a problem with the dataset as a whole (missing
+folder, no images, bad metadata, nothing usable) raises `DatasetError` naming the file, line or
+column at fault.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
+import re
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from models.hashing import hash_file
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+LAYOUTS = ("captions", "jsonl", "csv")
+METADATA = {"jsonl": "metadata.jsonl", "csv": "metadata.csv"}
 
 
 class DatasetError(ValueError):
@@ -35,45 +47,63 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
+    """One usable training pair: an image that decodes and a non-empty caption."""
+
     path: Path
     caption: str
+    """Whitespace runs collapsed to one space, as CLIP's tokenizer would see it anyway."""
 
 
 @dataclass(frozen=True)
 class Skipped:
+    """An image left out of training, and why, so the user can fix or delete it."""
+
     path: Path
     reason: str
+    """`<kind>: <detail>`; the kind is what `DatasetScan.summary` counts."""
 
 
 @dataclass(frozen=True)
 class DatasetScan:
+    """What `scan_dataset` found: the usable examples, sorted by relative path, and the rest."""
+
     root: Path
     layout: str
     """captions, jsonl or csv"""
     examples: tuple[Example, ...]
     skipped: tuple[Skipped, ...]
+    digests: tuple[str, ...] = field(default=(), repr=False)
+    """sha256 of each example's file as it was read and verified by the scan (same order), so the
+    fingerprint names the bytes that were checked without reading every image again."""
 
     def fingerprint(self) -> str:
-        """sha256 over each example's relative path, image bytes and caption, in order.
+        """sha256 over sorted (relative path, sha256 of the file, caption) of every example.
 
-        Changes when any pixel file or caption changes, so caches keyed by it never go stale.
+        It changes when any image byte or caption changes and on nothing else (not on mtimes, not
+        on the layout the captions came from), so latent caches keyed by it neither go stale nor
+        get rebuilt for nothing, and an adapter's metadata names exactly the data it saw.
         """
-        digest = hashlib.sha256()
-        for example in self.examples:
-            digest.update(example.path.relative_to(self.root).as_posix().encode() + b"\0")
-            digest.update(hash_file(example.path).encode() + b"\0")
-            digest.update(example.caption.encode() + b"\0")
-        return digest.hexdigest()
+        digests = self.digests
+        if len(digests) != len(self.examples):
+            digests = tuple(hash_file(e.path) for e in self.examples)
+        entries = sorted(
+            (e.path.relative_to(self.root).as_posix(), digest, e.caption)
+            for e, digest in zip(self.examples, digests, strict=True)
+        )
+        total = hashlib.sha256()
+        for entry in entries:
+            for part in entry:
+                total.update(part.encode("utf-8") + b"\0")
+        return total.hexdigest()
 
     def summary(self) -> dict[str, Any]:
-        """Counts and fingerprint, JSON-serializable, for the adapter's metadata."""
-        reasons = Counter(s.reason.split(":", 1)[0] for s in self.skipped)
+        """Counts, skip reasons by kind and the fingerprint: JSON for the adapter's metadata."""
         return {
             "root": str(self.root),
             "layout": self.layout,
             "examples": len(self.examples),
             "skipped": len(self.skipped),
-            "skipped_reasons": dict(reasons),
+            "skipped_reasons": dict(sorted(Counter(_kind(s.reason) for s in self.skipped).items())),
             "fingerprint": self.fingerprint(),
         }
 
@@ -85,113 +115,209 @@ def scan_dataset(
     image_column: str = "file_name",
     max_pixels: int = 64_000_000,
 ) -> DatasetScan:
-    """Find every usable (image, caption) pair under `root`."""
+    """Find every usable (image, caption) pair under `root`, decoding each image once to be sure.
+
+    The layout is `jsonl` if `root/metadata.jsonl` exists, `csv` if `root/metadata.csv` does, and
+    `captions` (`.txt` beside each image) otherwise. Images over `max_pixels` are refused as
+    decompression bombs before they are decoded (Pillow's own `Image.MAX_IMAGE_PIXELS` also applies).
+    """
     root = Path(root)
     if not root.exists():
-        raise DatasetError(f"dataset folder {root} is missing")
+        raise DatasetError(f"dataset folder {root} is missing; pass a folder of images")
     if not root.is_dir():
-        raise DatasetError(f"dataset {root} is not a folder")
-    if (root / "metadata.jsonl").is_file():
-        layout, rows = "jsonl", _jsonl_rows(root / "metadata.jsonl", image_column, caption_column)
-    elif (root / "metadata.csv").is_file():
-        layout, rows = "csv", _csv_rows(root / "metadata.csv", image_column, caption_column)
-    else:
-        layout, rows = "captions", _caption_file_rows(root)
-    if not rows:
+        raise DatasetError(f"dataset {root} is not a folder; pass a folder of images")
+    present = [layout for layout, name in METADATA.items() if (root / name).is_file()]
+    if len(present) > 1:
         raise DatasetError(
-            f"dataset folder {root} is empty: no images with suffixes {', '.join(IMAGE_SUFFIXES)}"
+            f"{root} holds both metadata.jsonl and metadata.csv; keep one of them so it is clear "
+            "which captions to use"
         )
-    examples, skipped = [], []
-    for path, caption, reason in sorted(rows, key=lambda r: r[0].as_posix()):
-        reason = reason or _image_problem(path, max_pixels)
-        if reason is None and not caption.strip():
-            reason = "no caption (.txt missing or empty, or an empty caption)"
-        if reason:
-            log.warning("skipping %s: %s", path, reason)
-            skipped.append(Skipped(path, reason))
+    layout = present[0] if present else "captions"
+    if layout == "captions":
+        rows = _caption_file_rows(root)
+        if not rows:
+            raise DatasetError(
+                f"no images with suffixes {', '.join(IMAGE_SUFFIXES)} found in {root} "
+                "(nor a metadata.jsonl or metadata.csv)"
+            )
+    else:
+        metadata = root / METADATA[layout]
+        read = _jsonl_rows if layout == "jsonl" else _csv_rows
+        rows = read(metadata, image_column, caption_column)
+        if not rows:
+            raise DatasetError(f"{metadata} lists no images; add one row per image")
+        _log_unlisted(root, rows, metadata)
+
+    rows.sort(key=lambda r: (r.path.relative_to(root).as_posix(), r.caption))
+    examples, digests, skipped = [], [], []
+    for row in tqdm(
+        rows, desc="checking images", unit="image", disable=True if len(rows) < 100 else None
+    ):
+        digest, reason = None, row.problem
+        if reason is None:
+            digest, reason = _read_image(row.path, max_pixels)
+        if reason is None and not row.caption:
+            reason = row.no_caption
+        if reason is not None:
+            log.warning("skipping %s: %s", row.path, reason)
+            skipped.append(Skipped(row.path, reason))
         else:
-            examples.append(Example(path, caption.strip()))
+            examples.append(Example(row.path, row.caption))
+            digests.append(digest)
     if not examples:
-        shown = "; ".join(f"{s.path.name}: {s.reason}" for s in skipped[:3])
-        raise DatasetError(f"no usable images in {root}: all {len(skipped)} skipped ({shown})")
-    return DatasetScan(root, layout, tuple(examples), tuple(skipped))
+        shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
+        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        raise DatasetError(
+            f"no usable images in {root}: all {len(skipped)} were skipped: {shown}{more}"
+        )
+    if skipped:
+        log.warning("%s: %d images usable, %d skipped", root, len(examples), len(skipped))
+    return DatasetScan(root, layout, tuple(examples), tuple(skipped), tuple(digests))
 
 
-Row = tuple[Path, str, "str | None"]
+@dataclass(frozen=True)
+class _Row:
+    """An image the layout names, with its caption, before the image itself is checked."""
+
+    path: Path
+    caption: str
+    no_caption: str
+    """The skip reason to give if the caption turns out empty."""
+    problem: str | None = None
+    """A reason to skip found without opening the image (the file does not exist)."""
 
 
-def _caption_file_rows(root: Path) -> list[Row]:
+def _clean(caption: str) -> str:
+    return " ".join(caption.split())
+
+
+def _kind(reason: str) -> str:
+    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
+
+
+def _ignored(relative: Path) -> bool:
+    return any(part.startswith((".", "__")) for part in relative.parts)
+
+
+def _caption_file_rows(root: Path) -> list[_Row]:
     rows = []
     for path in root.rglob("*"):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+        if (
+            path.suffix.lower() in IMAGE_SUFFIXES
+            and not _ignored(path.relative_to(root))
+            and path.is_file()
+        ):
             txt = path.with_suffix(".txt")
-            caption = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else ""
-            rows.append((path, caption, None))
+            text = txt.read_text(encoding="utf-8-sig", errors="replace") if txt.is_file() else ""
+            rows.append(_Row(path, _clean(text), f"no caption ({txt.name} missing or empty)"))
     return rows
 
 
-def _resolve(root: Path, name: object, where: str) -> Path:
-    if not isinstance(name, str) or not name:
-        raise DatasetError(f"{where}: the image path is empty or not a string")
+def _resolve(root: Path, name: object, column: str, where: str) -> Path:
+    if not isinstance(name, str) or not name.strip():
+        raise DatasetError(f"{where}: column {column!r} must name an image file, got {name!r}")
     relative = Path(name)
     if relative.is_absolute() or ".." in relative.parts:
-        raise DatasetError(f"{where}: image path {name!r} must stay inside the dataset folder")
+        raise DatasetError(
+            f"{where}: image path {name!r} must be relative to the dataset folder {root} and stay "
+            "inside it (no leading '/', no '..')"
+        )
     return root / relative
 
 
-def _row(root: Path, record: dict, image_column: str, caption_column: str, where: str) -> Row:
+def _row(
+    root: Path, record: dict[Any, Any], image_column: str, caption_column: str, where: str
+) -> _Row:
     for column in (image_column, caption_column):
         if column not in record:
-            raise DatasetError(
-                f"{where}: no column {column!r}; columns present: {', '.join(map(str, record))}"
-            )
-    path = _resolve(root, record[image_column], where)
+            present = ", ".join(str(k) for k in record if k is not None)
+            raise DatasetError(f"{where}: no column {column!r}; columns present: {present}")
+    path = _resolve(root, record[image_column], image_column, where)
     caption = record[caption_column]
-    caption = caption if isinstance(caption, str) else ""
-    reason = None if path.is_file() else f"missing file: {where} names {record[image_column]}"
-    return path, caption, reason
+    if caption is not None and not isinstance(caption, str):
+        raise DatasetError(
+            f"{where}: caption column {caption_column!r} must hold text, got {caption!r}"
+        )
+    problem = None if path.is_file() else f"missing file: {where} names {record[image_column]}"
+    no_caption = f"no caption (empty {caption_column!r} at {where})"
+    return _Row(path, _clean(caption or ""), no_caption, problem)
 
 
-def _jsonl_rows(path: Path, image_column: str, caption_column: str) -> list[Row]:
+def _jsonl_rows(path: Path, image_column: str, caption_column: str) -> list[_Row]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    text = path.read_text(encoding="utf-8-sig")
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DatasetError(f"{where}: not valid JSON ({err.msg})") from None
+            raise DatasetError(
+                f"{where}: not valid JSON ({err.msg}); one object per line"
+            ) from None
         if not isinstance(record, dict):
-            raise DatasetError(f"{where}: each line must be a JSON object")
+            raise DatasetError(f"{where}: each line must be a JSON object, got {line.strip()[:40]}")
         rows.append(_row(path.parent, record, image_column, caption_column, where))
     return rows
 
 
-def _csv_rows(path: Path, image_column: str, caption_column: str) -> list[Row]:
-    with open(path, newline="", encoding="utf-8") as f:
+def _csv_rows(path: Path, image_column: str, caption_column: str) -> list[_Row]:
+    # utf-8-sig: spreadsheets write a byte-order mark that would otherwise rename the first column.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        for column in (image_column, caption_column):
+            if column not in header:
+                raise DatasetError(
+                    f"{path}:1: no column {column!r}; columns present: {', '.join(header)}"
+                )
         return [
-            _row(path.parent, record, image_column, caption_column, f"{path}:{number}")
-            for number, record in enumerate(reader, start=2)
+            _row(path.parent, record, image_column, caption_column, f"{path}:{reader.line_num}")
+            for record in reader
         ]
 
 
-def _image_problem(path: Path, max_pixels: int) -> str | None:
-    """None if the image decodes fully and is not a decompression bomb, else why not."""
+def _log_unlisted(root: Path, rows: Iterable[_Row], metadata: Path) -> None:
+    """Say so when images sit in the folder unused: a forgotten metadata row is an easy mistake."""
+    listed = {row.path for row in rows}
+    unlisted = [
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p not in listed
+        and not _ignored(p.relative_to(root))
+    ]
+    if unlisted:
+        log.info(
+            "%d images in %s are not named in %s and are not used",
+            len(unlisted),
+            root,
+            metadata.name,
+        )
+
+
+def _read_image(path: Path, max_pixels: int) -> tuple[str | None, str | None]:
+    """(sha256 of the file, None) if it decodes fully and is not too large, else (None, why not).
+
+    The bytes are read once, hashed and decoded from memory, so the fingerprint describes exactly
+    what was verified. EXIF orientation is not applied: the pixels are used as stored.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return None, f"does not read: {err}"
     try:
         with warnings.catch_warnings():
+            # Pillow only warns below twice its limit; a warning here means a bomb, not a nuisance.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.width * image.height > max_pixels:
-                    return f"too large: {image.width}x{image.height} is over {max_pixels} pixels"
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    return None, f"too large: {width}x{height} is over {max_pixels} pixels"
                 image.load()
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as err:
-        return f"does not decode: {err}"
-    return None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return None, f"too large: {err}"
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        return None, f"does not decode: {err}"
+    return hashlib.sha256(data).hexdigest(), None
