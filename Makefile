@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install quickstart serve test test-fast lint clean
+.PHONY: install quickstart serve image test test-fast lint clean
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -26,6 +26,10 @@ serve: install
 	.venv/bin/bentolora-models build-tiny
 	.venv/bin/bentolora-models build-tiny-clip
 	BENTOLORA_BASE=sdxl-tiny BENTOLORA_CLIP=clip-tiny .venv/bin/bentoml serve service.service:SDXLLoRA
+
+# The local CPU OCI image (root, buildah, debootstrap, skopeo; see deploy/README.md).
+image: install
+	bash deploy/build-image.sh
 
 lint: install
 	.venv/bin/ruff check .
