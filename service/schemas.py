@@ -36,8 +36,11 @@ class AdapterChoice(BaseModel):
                     f"adapter {name!r} was made for base {SERVED.foreign_adapters[name]}, "
                     f"not for the base this server runs ({SERVED.base_tag})"
                 )
-            known = ", ".join(sorted(SERVED.adapters)) or "none"
-            raise ValueError(f"unknown adapter {name!r}; this server has: {known}")
+            names = sorted(SERVED.adapters)
+            known = ", ".join(names[:20]) + (
+                f" and {len(names) - 20} more (GET /adapters/)" if len(names) > 20 else ""
+            )
+            raise ValueError(f"unknown adapter {name!r}; this server has: {known or 'none'}")
         return name
 
 

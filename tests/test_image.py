@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -136,3 +137,55 @@ def test_the_image_serves_generate_and_score(image):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         subprocess.run(["buildah", "rm", ctr], capture_output=True)
+
+
+def test_production_bentofile_builds_with_stand_in_weights(tmp_path):
+    """bentofile.yaml (CUDA flavour) is a valid build: tiny weights under the production names
+    stand in for SDXL and CLIP ViT-L/14, which cannot be downloaded here."""
+    home = tmp_path / "home"
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    setup = """
+import torch
+from models.adapter import AdapterInfo, save_adapter
+from models.bases import save_base
+from models.clip import build_tiny_clip, save_clip
+from models.tiny import build_tiny_pipeline
+base = save_base(build_tiny_pipeline(0), "sdxl-base", source="stand-in")
+save_clip(*build_tiny_clip(0), "clip-l", source="stand-in")
+layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+save_adapter("my-style", {"unet": {layer + ".lora_A.weight": torch.zeros(2, 64),
+                                   layer + ".lora_B.weight": torch.zeros(64, 2)}},
+             AdapterInfo(base_tag=base.tag, base_hash=base.metadata["content_hash"], rank=2, alpha=2.0,
+                         dropout=0.0, target_modules=["to_q"], text_encoder_lora=False))
+"""
+    subprocess.run(
+        [sys.executable, "-c", setup], cwd=ROOT, env=env, check=True, capture_output=True
+    )
+    wheels = ROOT / "build" / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), "."],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "-f", "bentofile.yaml", "--output", "tag", "."],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    bento = home / "bentos" / name / version
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert (
+        "cuda"
+        in dockerfile.splitlines()[
+            [i for i, line in enumerate(dockerfile.splitlines()) if line.startswith("FROM")][0]
+        ].lower()
+    )
+    manifest = (bento / "bento.yaml").read_text()
+    for model in ("sdxl-base", "clip-l", "lora-my-style"):
+        assert model in manifest

@@ -58,7 +58,7 @@ GENERATE_CASES = [
         "unknown adapter",
         {"prompt": "x", "adapters": [{"name": "nope"}]},
         "name",
-        "unknown adapter 'nope'; this server has: blue, red",
+        "unknown adapter 'nope'; this server has: ",
     ),
     (
         "foreign adapter",
