@@ -36,7 +36,7 @@ lint: install
 	.venv/bin/ruff format --check .
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
