@@ -76,6 +76,10 @@ def _encode(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _score_request(images: Sequence[Image.Image], texts: Sequence[str]) -> dict:
+    return {"images": [_encode(i) for i in images], "texts": list(texts)}
+
+
 def _status(err: BentoMLException) -> int:
     return int(getattr(err, "error_code", 500))
 
@@ -124,7 +128,7 @@ class Client:
     def score(self, images: Sequence[Image.Image], texts: Sequence[str] = ()) -> Scores:
         [response] = self._call(
             self._http.score,
-            requests=[{"images": [_encode(i) for i in images], "texts": list(texts)}],
+            requests=[_score_request(images, texts)],
         )
         return Scores(response["clip_scores"], response["image_similarity"])
 
@@ -187,7 +191,7 @@ class AsyncClient:
     async def score(self, images: Sequence[Image.Image], texts: Sequence[str] = ()) -> Scores:
         [response] = await self._call(
             self._http.score,
-            requests=[{"images": [_encode(i) for i in images], "texts": list(texts)}],
+            requests=[_score_request(images, texts)],
         )
         return Scores(response["clip_scores"], response["image_similarity"])
 

@@ -6,6 +6,7 @@ request, so a bad request gets its own 400 before it can join (and fail) a batch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,19 @@ class Served:
                     "dataset_fingerprint": meta.get("dataset", {}).get("fingerprint"),
                 }
             )
-        return rows
+        return [_json_safe(row) for row in rows]
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats (an adapter stored without a final loss has NaN) become null: JSON has
+    no NaN, and one such adapter must not break the listing."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 SERVED = Served()

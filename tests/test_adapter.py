@@ -8,16 +8,15 @@ from safetensors.torch import save_file
 
 from models.adapter import (
     AdapterError,
-    AdapterInfo,
     apply_adapters,
     check_fits,
     check_made_for,
     load_adapter_weights,
-    save_adapter,
 )
 from models.bases import save_base
 from models.loading import load_pipeline
 from models.tiny import build_tiny_pipeline
+from tests.store_helpers import one_layer_adapter
 
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
@@ -80,18 +79,7 @@ def test_damaged_and_pickled_files_are_refused(tmp_path):
 
 def test_an_adapter_for_another_base_is_refused(tiny_base, tiny_pipe):
     other = save_base(build_tiny_pipeline(seed=1), "sdxl-tiny-other", source="tiny:seed=1")
-    info = AdapterInfo(
-        base_tag=other.tag,
-        base_hash=other.metadata["content_hash"],
-        rank=2,
-        alpha=2.0,
-        dropout=0.0,
-        target_modules=["to_q"],
-        text_encoder_lora=False,
-    )
-    entry = save_adapter(
-        "for-other", {"unet": {k.removeprefix("unet."): v for k, v in lora().items()}}, info
-    )
+    entry = one_layer_adapter("for-other", other)
     check_made_for(entry, other)
     with pytest.raises(
         AdapterError, match="was made for base 'sdxl-tiny-other:.*not for sdxl-tiny"

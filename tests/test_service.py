@@ -12,12 +12,13 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from models.adapter import AdapterInfo, get_adapter, save_adapter
+from models.adapter import get_adapter
 from models.bases import save_base
 from models.clip import ClipScorer, build_tiny_clip, save_clip
 from models.tiny import build_tiny_pipeline
 from service.client import Client
 from tests.service_helpers import pixels, server_env, start_server, stop_server
+from tests.store_helpers import one_layer_adapter
 from train.config import TrainConfig
 from train.loop import train
 
@@ -51,25 +52,8 @@ def server(tiny_base, sample_dir, tmp_path_factory):
             )
         )
     other = save_base(build_tiny_pipeline(seed=3), "sdxl-tiny-elsewhere", source="tiny:seed=3")
-    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    save_adapter(
-        "elsewhere",
-        {
-            "unet": {
-                f"{layer}.lora_A.weight": torch.zeros(2, 64),
-                f"{layer}.lora_B.weight": torch.zeros(64, 2),
-            }
-        },
-        AdapterInfo(
-            base_tag=other.tag,
-            base_hash=other.metadata["content_hash"],
-            rank=2,
-            alpha=2.0,
-            dropout=0.0,
-            target_modules=["to_q"],
-            text_encoder_lora=False,
-        ),
-    )
+    one_layer_adapter("elsewhere", other)
+    one_layer_adapter("no-loss", tiny_base)  # no training, so its final loss is NaN
     proc, url = start_server(server_env(), tmp / "server.log")
     yield url
     stop_server(proc)
@@ -224,6 +208,7 @@ def test_adapters_endpoint_lists_what_is_served(client):
     # The session's store also holds adapters other tests trained on sdxl-tiny; never the one made
     # for another base.
     assert {"red", "blue"} <= set(rows) and "elsewhere" not in rows
+    assert rows["no-loss"]["final_loss"] is None  # stored with NaN: listed, as null
     red = rows["red"]
     assert red["version"] == get_adapter("red").version and red["rank"] == 4
     assert red["targets"] == list(TARGETS) and red["validation"]["fixed_noise_loss"] > 0

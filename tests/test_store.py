@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from models.adapter import AdapterInfo, get_adapter, list_adapters, save_adapter
+from models.adapter import get_adapter, list_adapters, save_adapter
 from models.bases import get_base
 from models.hashing import hash_folder
 from models.store import StoreError, create_entry, get_entry, list_entries, store_root
+from tests.store_helpers import one_layer, tiny_info
 
 
 def bentoml_cli_models() -> list[dict]:
@@ -25,29 +25,6 @@ def bentoml_cli_models() -> list[dict]:
         env=os.environ,
     ).stdout
     return json.loads(out)
-
-
-def tiny_info(base) -> AdapterInfo:
-    return AdapterInfo(
-        base_tag=base.tag,
-        base_hash=base.metadata["content_hash"],
-        rank=2,
-        alpha=2.0,
-        dropout=0.0,
-        target_modules=["to_q"],
-        text_encoder_lora=False,
-    )
-
-
-def one_layer(base, value: float = 0.01) -> dict:
-    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    width = 64
-    return {
-        "unet": {
-            f"{layer}.lora_A.weight": torch.full((2, width), value),
-            f"{layer}.lora_B.weight": torch.full((width, 2), value),
-        }
-    }
 
 
 def test_base_entry_has_the_contracted_metadata(tiny_base):
