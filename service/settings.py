@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -24,6 +26,20 @@ class Settings:
     """BENTOLORA_MAX_INPUT_BYTES: size of one image sent to /score at most."""
     max_input_pixels: int = 4096 * 4096
     """BENTOLORA_MAX_INPUT_PIXELS: pixels of one image sent to /score at most (decompression bombs)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dtype not in DTYPES:
+            problems.append(f"BENTOLORA_DTYPE={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            problems.append(f"BENTOLORA_DEVICE={self.device!r} is not auto, cpu, cuda or cuda:N")
+        for name in ("max_batch_images", "max_pixels", "max_input_bytes", "max_input_pixels"):
+            if getattr(self, name) < 1:
+                problems.append(
+                    f"BENTOLORA_{name.upper()}={getattr(self, name)} must be at least 1"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
