@@ -7,6 +7,7 @@ either no new version or a complete one, and `latest` never names a partial entr
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 ADAPTER_PREFIX = "lora-"
 KIND_LABEL = "bentolora.kind"
 BASE_LABEL = "bentolora.base"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+"""Errors that mean the store's disk (or the user's quota on it) is full."""
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
 NAME_RULE = (
@@ -146,14 +149,17 @@ def create_entry(
     The content hash of the files goes into the metadata as `content_hash`; with
     `reuse_identical`, a version of `name` holding the same files is kept instead of adding a twin
     (so setup commands can run every time), and `staged.tag` names it.
+    A full disk raises StoreError saying so and where, after removing what was written.
     """
     check_name(name)
     root = store_root()
     staging_root = root.parent / ".bentolora-staging"
-    staging_root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
-    staged = Staged(stage, dict(metadata or {}))
+    stage: Path | None = None
+    published: Path | None = None
     try:
+        staging_root.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
+        staged = Staged(stage, dict(metadata or {}))
         yield staged
         staged.metadata["content_hash"] = hash_folder(stage)
         if reuse_identical:
@@ -183,18 +189,55 @@ def create_entry(
         final = root / model.tag.name / model.tag.version
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(stage, final)
+        published = final
         _write_latest(final.parent, model.tag.version)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+    except BaseException as err:
+        # An exception means "nothing stored", even when it came after the rename (`latest`
+        # could not be repointed): the new version goes too, so a retry starts clean.
+        for leftover in (stage, published):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
+        if _disk_full(err):
+            raise StoreError(
+                f"cannot write {name}: no space left on the disk holding the model store {root} "
+                f"(ENOSPC; {_free(root)} free now); nothing was stored. Free space there and retry"
+            ) from err
         raise
     log.info("saved %s", model.tag)
     staged.tag = str(model.tag)
 
 
+def _disk_full(err: BaseException | None) -> bool:
+    """Whether `err`, or an error it was raised from, is the disk running out of space.
+
+    Libraries wrap the OSError in their own types (safetensors raises "I/O error: No space left
+    on device (os error 28)"), so the message is checked as well as `errno`.
+    """
+    texts = [os.strerror(code) for code in DISK_FULL]
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            return True
+        if any(text in str(err) for text in texts):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _free(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown"
+
+
 def _write_latest(name_dir: Path, version: str) -> None:
     tmp = name_dir / f".latest.{os.getpid()}"
-    tmp.write_text(version)
-    os.replace(tmp, name_dir / "latest")
+    try:
+        tmp.write_text(version)
+        os.replace(tmp, name_dir / "latest")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_tree(path: Path) -> None:

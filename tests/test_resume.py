@@ -2,79 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from models.adapter import get_adapter, list_adapters, load_adapter_weights, weights_path
+from tests.train_helpers import STEPS, last_logged_step, logged_loss_steps, train_cmd
 from train.checkpoint import find_latest, is_valid
 
 pytestmark = pytest.mark.slow
-
-STEPS = 24
-
-
-def train_cmd(sample_dir: Path, tmp: Path, name: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "train",
-        "--base",
-        "sdxl-tiny",
-        "--data-dir",
-        str(sample_dir),
-        "--name",
-        name,
-        "--output-dir",
-        str(tmp / "runs"),
-        "--cache-dir",
-        str(tmp / "cache"),
-        "--resolution",
-        "64",
-        "--rank",
-        "4",
-        "--alpha",
-        "4",
-        "--learning-rate",
-        "1e-3",
-        "--batch-size",
-        "2",
-        "--gradient-accumulation-steps",
-        "2",
-        "--max-steps",
-        str(STEPS),
-        "--lr-scheduler",
-        "cosine",
-        "--warmup-steps",
-        "3",
-        "--dropout",
-        "0.1",
-        "--flip",
-        "--checkpoint-every",
-        "4",
-        "--keep-checkpoints",
-        "2",
-        "--no-tensorboard",
-        *extra,
-    ]
-
-
-def last_logged_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [
-        json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()
-    ]
-    return max(steps, default=0)
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_base, sample_dir, tmp_path):
@@ -112,12 +53,8 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_base, sample_d
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "adapter: lora-interrupted:" in resumed.stdout
-    logged = [
-        json.loads(line)["step"]
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if "loss" in json.loads(line)
-    ]
-    assert logged == list(range(1, STEPS + 1))  # no step logged twice across the kill
+    # No step logged twice across the kill.
+    assert logged_loss_steps(run_dir) == list(range(1, STEPS + 1))
     got = load_adapter_weights(weights_path(get_adapter("interrupted")))
     assert got.keys() == expected.keys()
     for key in expected:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from models import failpoints
 from models.hashing import hash_file
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.contiguous() for k, v in trainable.items()}, tmp / "lora.safetensors")
+    failpoints.hit("checkpoint.write")  # a crash mid-write, for the tests
     torch.save({"optimizer": optimizer, "lr_scheduler": lr_scheduler}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     sums = {f.name: hash_file(f) for f in sorted(tmp.iterdir())}

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from models.adapter import AdapterInfo, check_finite, save_adapter
+from models.adapter import WEIGHTS_NAME, AdapterError, AdapterInfo, check_finite, save_adapter
 from models.bases import get_base
 from models.loading import load_pipeline
+from models.store import StoreError
 from train.cache import ExampleCache, cache_key
 from train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from train.config import RUNTIME_ONLY, TrainConfig
@@ -65,6 +66,41 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def check_weights_finite(tensors: dict[str, torch.Tensor], step: int) -> None:
+    """Raise TrainingError naming the step and the first LoRA tensor holding NaN or inf.
+
+    A loss can stay finite for a step after the update that broke the weights; checking before
+    a checkpoint keeps a broken state from becoming the one `--resume latest` picks.
+    """
+    try:
+        check_finite(tensors)
+    except AdapterError as err:
+        raise TrainingError(
+            f"step {step}: {err}. Stopping; lower learning_rate or use bf16 instead of fp16"
+        ) from err
+
+
+def write_final_weights(run_dir: Path, layers: dict, lora_config: dict) -> Path:
+    """Write the adapter file into `<run_dir>/final` (diffusers' format, as in the store).
+
+    Written before storing, so the trained weights survive a store that cannot take them (a full
+    disk), and a run with `store` off still leaves its result: `load_lora_weights` reads the
+    folder as is.
+    """
+    folder = run_dir / "final"
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=layers.get("unet"),
+        text_encoder_lora_layers=layers.get("text_encoder"),
+        text_encoder_2_lora_layers=layers.get("text_encoder_2"),
+        unet_lora_adapter_metadata=lora_config.get("unet"),
+        text_encoder_lora_adapter_metadata=lora_config.get("text_encoder"),
+        text_encoder_2_lora_adapter_metadata=lora_config.get("text_encoder_2"),
+        weight_name=WEIGHTS_NAME,
+    )
+    return folder / WEIGHTS_NAME
 
 
 def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read top to bottom
@@ -313,11 +349,13 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
                 }
             )
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < total_steps:
+            trainable = trainable_state(modules)
+            check_weights_finite(trainable, done)
             if accelerator.is_main_process:
                 save_checkpoint(
                     run_dir,
                     done,
-                    trainable_state(modules),
+                    trainable,
                     optimizer.state_dict(),
                     lr_schedule.state_dict(),
                     {
@@ -344,9 +382,12 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
         metrics.close()
     layers = diffusers_layers(modules)
     for component, tensors in layers.items():
-        check_finite({f"{component}.{k}": v for k, v in tensors.items()})
+        check_weights_finite({f"{component}.{k}": v for k, v in tensors.items()}, total_steps)
+    lora_dicts = {k: v.to_dict() for k, v in lora_config.items()}
     tag = None
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        kept = write_final_weights(run_dir, layers, lora_dicts)
     if config.store and accelerator.is_main_process:
         info = AdapterInfo(
             base_tag=base.tag,
@@ -364,9 +405,9 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
             wall_time_s=round(wall, 2),
             processes=world,
         )
-        entry = save_adapter(
-            config.name, layers, info, lora_config={k: v.to_dict() for k, v in lora_config.items()}
-        )
-        tag = entry.tag
+        try:
+            tag = save_adapter(config.name, layers, info, lora_config=lora_dicts).tag
+        except StoreError as err:
+            raise TrainingError(f"{err}. The trained weights are kept in {kept}") from err
     accelerator.wait_for_everyone()
     return TrainResult(tag, total_steps, loss_value, validation, wall, run_dir)
