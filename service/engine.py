@@ -7,6 +7,8 @@ an image does not depend on what it was batched with.
 
 from __future__ import annotations
 
+import copy
+import gc
 import logging
 import secrets
 import threading
@@ -15,11 +17,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
+from bentoml.exceptions import ServiceUnavailable
 
-from models.adapter import list_adapters
+from models import failpoints
+from models.adapter import AdapterError, list_adapters, verify_adapter
 from models.bases import get_base
 from models.clip import ClipScorer
 from models.loading import load_pipeline
+from service import metrics
 from service.adapter_cache import AdapterCache
 from service.images import encode
 from service.registry import SERVED
@@ -66,42 +71,117 @@ class Engine:
         self.scorer = ClipScorer.from_store(settings.clip, device=self.device)
         self._lock = threading.Lock()  # one pipeline, one batch at a time
         self.refresh_adapters()
+        SERVED.reload_adapters = self.reload_adapters
         SERVED.settings = settings
         SERVED.base_tag = self.base.tag
-        SERVED.tokenizers = (self.pipe.tokenizer, self.pipe.tokenizer_2)
+        # Copies: request validation tokenizes on the event loop while a batch tokenizes in the
+        # pipeline; a fast tokenizer shared across threads switches padding/truncation under
+        # the other caller (seen under load as "expected sequence of length 13 (got 12)").
+        SERVED.tokenizers = tuple(
+            copy.deepcopy(t) for t in (self.pipe.tokenizer, self.pipe.tokenizer_2)
+        )
         SERVED.ready = True
         log.info(
             "serving %s with %d adapters on %s", self.base.tag, len(SERVED.adapters), self.device
         )
 
     def refresh_adapters(self) -> None:
-        """Read the store: the newest version of each adapter made for this base."""
-        served, foreign = {}, {}
+        """Read the store: per adapter name, the newest version made for this base that passes
+        every check (verify_adapter); versions that fail are listed as refused, with why."""
+        served, foreign, refused = {}, {}, {}
         for entry in list_adapters():  # newest first
             name = entry.name.removeprefix("lora-")
-            if entry.metadata.get("base_hash") == self.base.metadata["content_hash"]:
-                served.setdefault(name, entry)
-            else:
+            if name in served:
+                continue
+            if entry.metadata.get("base_hash") != self.base.metadata["content_hash"]:
                 foreign.setdefault(name, entry.metadata.get("base_tag", "?"))
+                continue
+            try:
+                verify_adapter(
+                    entry, self.pipe, self.base, max_bytes=self.settings.max_adapter_bytes
+                )
+            except AdapterError as err:
+                log.warning("refusing adapter %s: %s", entry.tag, err)
+                refused.setdefault(name, str(err))
+                continue
+            served[name] = entry
         SERVED.adapters = served
-        SERVED.foreign_adapters = {k: v for k, v in foreign.items() if k not in served}
+        SERVED.refused_adapters = {k: v for k, v in refused.items() if k not in served}
+        SERVED.foreign_adapters = {
+            k: v for k, v in foreign.items() if k not in served and k not in refused
+        }
+
+    def reload_adapters(self) -> None:
+        with self._lock:
+            self.refresh_adapters()
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResponse]:
+        if not requests:
+            return []
         seeds = [r.seed if r.seed is not None else secrets.randbelow(MAX_SEED) for r in requests]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
             groups[group_key(request)].append(index)
         results: list[list[GeneratedImage]] = [[] for _ in requests]
+        started = time.perf_counter()
         for indices in groups.values():
             jobs = [(i, k) for i in indices for k in range(requests[i].num_images)]
             step = self.settings.max_batch_images
             for start in range(0, len(jobs), step):
-                chunk = jobs[start : start + step]
+                chunk = self._live(requests, jobs[start : start + step])
+                if not chunk:
+                    continue
                 for (i, _), image in zip(
-                    chunk, self._run(requests, seeds, chunk, len(requests)), strict=True
+                    chunk, self._run_fitting(requests, seeds, chunk, len(requests)), strict=True
                 ):
                     results[i].append(image)
+        SERVED.record_batch("/generate", time.perf_counter() - started, len(requests))
         return [GenerateResponse(images=images) for images in results]
+
+    def _live(self, requests, chunk: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The jobs whose request is still within its deadline. A request past it has already
+        been answered 504 by the server's timeout, so computing it would only delay the rest."""
+        deadline = self.settings.request_timeout_s
+        now = time.monotonic()
+        late = {i for i, _ in chunk if now - requests[i]._received > deadline}
+        if late:
+            metrics.dropped(len(late))
+            log.warning("dropping %d requests past their %d s deadline", len(late), deadline)
+        return [(i, k) for i, k in chunk if i not in late]
+
+    def _run_fitting(self, requests, seeds, chunk, batch_requests: int) -> list[GeneratedImage]:
+        """`_run`, halving the batch when the GPU runs out of memory; a single image that does
+        not fit is answered 503. An unrecoverable device error marks the server broken (then
+        /livez fails and the orchestrator restarts it)."""
+        try:
+            return self._run(requests, seeds, chunk, batch_requests)
+        except torch.OutOfMemoryError:
+            metrics.oom()
+            free_device_memory(self.device)
+            if len(chunk) == 1:
+                first = requests[chunk[0][0]]
+                raise ServiceUnavailable(
+                    SERVED.mark_unavailable(
+                        f"out of GPU memory for one {first.width}x{first.height} image; "
+                        "try fewer pixels or retry when the server is less busy"
+                    )
+                ) from None
+            half = len(chunk) // 2
+            log.warning(
+                "out of memory on %d images; retrying as %d + %d",
+                len(chunk),
+                half,
+                len(chunk) - half,
+            )
+            return self._run_fitting(
+                requests, seeds, chunk[:half], batch_requests
+            ) + self._run_fitting(requests, seeds, chunk[half:], batch_requests)
+        except torch.AcceleratorError as err:
+            SERVED.broken = str(err).splitlines()[0]
+            log.critical("device failed, the server must restart: %s", err)
+            raise ServiceUnavailable(
+                SERVED.mark_unavailable(f"the GPU failed ({SERVED.broken}); restarting")
+            ) from None
 
     def _run(self, requests, seeds, chunk, batch_requests: int) -> list[GeneratedImage]:
         first = requests[chunk[0][0]]
@@ -111,6 +191,7 @@ class Engine:
             started = time.perf_counter()
             self.adapters.activate(choices)
             self.pipe.scheduler = make_scheduler(first.scheduler, self.scheduler_config)
+            failpoints.hit("pipeline", size=len(chunk))
             images = self.pipe(
                 prompt=[requests[i].prompt for i, _ in chunk],
                 negative_prompt=[requests[i].negative_prompt for i, _ in chunk]
@@ -123,6 +204,7 @@ class Engine:
                 generator=[torch.Generator("cpu").manual_seed(s) for s in image_seeds],
             ).images
             compute = time.perf_counter() - started
+        metrics.images(len(chunk))
         used = [
             AdapterUsed(name=e.name.removeprefix("lora-"), version=e.version, scale=s)
             for e, s in choices
@@ -155,11 +237,15 @@ class Engine:
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResponse]:
         """All images of all requests through CLIP together, then split per request."""
+        if not requests:
+            return []
         images = [image for r in requests for image in r._decoded]
         texts = [text for r in requests for text in r.texts]
+        started = time.perf_counter()
         with self._lock:
             image_emb = self.scorer.image_embeddings(images)
             text_emb = self.scorer.text_embeddings(texts) if texts else None
+        SERVED.record_batch("/score", time.perf_counter() - started, len(requests))
         out, i0, t0 = [], 0, 0
         for request in requests:
             emb = image_emb[i0 : i0 + len(request.images)]
@@ -174,3 +260,10 @@ class Engine:
             i0 += len(request.images)
             t0 += len(request.texts)
         return out
+
+
+def free_device_memory(device: str) -> None:
+    """Give back what a failed call held, so the next request starts from a clean allocator."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()

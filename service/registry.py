@@ -7,6 +7,7 @@ request, so a bad request gets its own 400 before it can join (and fail) a batch
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +22,34 @@ class Served:
     """Adapter name (without `lora-`) -> StoreEntry of the version served."""
     foreign_adapters: dict[str, str] = field(default_factory=dict)
     """Adapters in the store made for other bases: name -> their base tag."""
+    refused_adapters: dict[str, str] = field(default_factory=dict)
+    """Adapters made for this base that failed a check: name -> why (see verify_adapter)."""
     tokenizers: tuple = ()
     ready: bool = False
+    broken: str = ""
+    """Why the GPU can no longer be used (an unrecoverable CUDA error); /livez fails when set."""
+    seconds_per_request: dict[str, float] = field(default_factory=dict)
+    """Recent compute seconds per request, per endpoint: what Retry-After is estimated from."""
+    reload_adapters: Any = None
+    """Callable re-reading the store (the admin route calls it); set by the engine."""
+
+    unavailable: tuple[float, str] = (0.0, "")
+    """(monotonic time, why) of the last 503 the engine raised: the body of that 503."""
+
+    def mark_unavailable(self, why: str) -> str:
+        self.unavailable = (time.monotonic(), why)
+        return why
+
+    def recent_unavailable_reason(self, within_s: float = 10.0) -> str:
+        at, why = self.unavailable
+        return why if time.monotonic() - at < within_s else ""
+
+    def record_batch(self, endpoint: str, seconds: float, requests: int) -> None:
+        previous = self.seconds_per_request.get(endpoint)
+        value = seconds / max(requests, 1)
+        self.seconds_per_request[endpoint] = (
+            value if previous is None else 0.8 * previous + 0.2 * value
+        )
 
     def adapter_rows(self) -> list[dict[str, Any]]:
         """What GET /adapters shows of each adapter: identity, shape and training metrics."""

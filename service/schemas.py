@@ -3,6 +3,7 @@ BentoML's OpenAPI page shows them and a bad field is answered 400 with its locat
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
@@ -31,6 +32,10 @@ class AdapterChoice(BaseModel):
     def served(cls, name: str) -> str:
         name = name.removeprefix("lora-")
         if SERVED.ready and name not in SERVED.adapters:
+            if name in SERVED.refused_adapters:
+                raise ValueError(
+                    f"adapter {name!r} is refused by this server: {SERVED.refused_adapters[name]}"
+                )
             if name in SERVED.foreign_adapters:
                 raise ValueError(
                     f"adapter {name!r} was made for base {SERVED.foreign_adapters[name]}, "
@@ -56,6 +61,8 @@ class GenerateRequest(BaseModel):
     scheduler: SchedulerName = "euler"
     adapters: Annotated[list[AdapterChoice], Field(max_length=8)] = []
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    _received: float = PrivateAttr(default_factory=time.monotonic)
+    """When the request was parsed (its arrival): the deadline counts from here."""
 
     @field_validator("prompt")
     @classmethod

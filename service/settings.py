@@ -26,6 +26,26 @@ class Settings:
     """BENTOLORA_MAX_INPUT_BYTES: size of one image sent to /score at most."""
     max_input_pixels: int = 4096 * 4096
     """BENTOLORA_MAX_INPUT_PIXELS: pixels of one image sent to /score at most (decompression bombs)."""
+    max_body_bytes: int = 64 * 2**20
+    """BENTOLORA_MAX_BODY_BYTES: size of one request body at most (413 past it)."""
+    max_adapter_bytes: int = 2**30
+    """BENTOLORA_MAX_ADAPTER_BYTES: size of one adapter's weights file at most (refused past it)."""
+    max_queue: int = 64
+    """BENTOLORA_MAX_QUEUE: requests waiting or running per endpoint (/generate, /score); more
+    are refused at once with 429 and Retry-After."""
+    request_timeout_s: int = 600
+    """BENTOLORA_REQUEST_TIMEOUT_S: a request not started by then is dropped before the GPU (the
+    client has been answered 504)."""
+    token: str = ""
+    """BENTOLORA_TOKEN: bearer token every endpoint but health and metrics requires (none: open)."""
+    token_file: str = ""
+    """BENTOLORA_TOKEN_FILE: file holding that token (a mounted secret)."""
+    admin_token: str = ""
+    """BENTOLORA_ADMIN_TOKEN: bearer token for changing which adapters are loaded (none: disabled)."""
+    admin_token_file: str = ""
+    """BENTOLORA_ADMIN_TOKEN_FILE: file holding the admin token."""
+    cors_origins: str = ""
+    """BENTOLORA_CORS_ORIGINS: comma-separated origins allowed by CORS (none: CORS off)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -33,10 +53,29 @@ class Settings:
             problems.append(f"BENTOLORA_DTYPE={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"BENTOLORA_DEVICE={self.device!r} is not auto, cpu, cuda or cuda:N")
-        for name in ("max_batch_images", "max_pixels", "max_input_bytes", "max_input_pixels"):
+        for name in (
+            "max_batch_images",
+            "max_pixels",
+            "max_input_bytes",
+            "max_input_pixels",
+            "max_body_bytes",
+            "max_adapter_bytes",
+            "max_queue",
+            "request_timeout_s",
+        ):
             if getattr(self, name) < 1:
                 problems.append(
                     f"BENTOLORA_{name.upper()}={getattr(self, name)} must be at least 1"
+                )
+        for name in ("token", "admin_token"):
+            if getattr(self, name) and getattr(self, f"{name}_file"):
+                problems.append(
+                    f"BENTOLORA_{name.upper()} and BENTOLORA_{name.upper()}_FILE are both set; set one"
+                )
+            path = getattr(self, f"{name}_file")
+            if path and not _nonempty(path):
+                problems.append(
+                    f"BENTOLORA_{name.upper()}_FILE={path!r} is not a readable, non-empty file"
                 )
         if problems:
             raise ValueError("; ".join(problems))
@@ -56,6 +95,16 @@ class Settings:
                     ) from None
         return cls(**values)
 
+    def bearer_token(self) -> str:
+        """The client token, from the variable or the secret file; empty when auth is off."""
+        return _read(self.token_file) if self.token_file else self.token
+
+    def bearer_admin_token(self) -> str:
+        return _read(self.admin_token_file) if self.admin_token_file else self.admin_token
+
+    def allowed_origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
     def torch_device(self) -> str:
         import torch
 
@@ -71,3 +120,15 @@ class Settings:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
             self.dtype
         ]
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _nonempty(path: str) -> bool:
+    try:
+        return bool(_read(path))
+    except OSError:
+        return False
