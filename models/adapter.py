@@ -17,6 +17,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
+from models.hashing import hash_folder
 from models.store import (
     BASE_LABEL,
     StoreEntry,
@@ -212,6 +213,40 @@ def check_made_for(adapter: StoreEntry, base: StoreEntry) -> None:
         )
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def verify_adapter(
+    entry: StoreEntry, pipe: StableDiffusionXLPipeline, base: StoreEntry, *, max_bytes: int
+) -> None:
+    """Every check an adapter passes before a server takes it; AdapterError names the failure.
+
+    Made for this base (content hash); a safetensors weights file (pickled weights are never
+    read); under the size cap; files unchanged since the save (the entry's content hash, which
+    catches truncation and corruption); tensors finite; keys and shapes fit `pipe`. Only the
+    CPU sees the weights here.
+    """
+    check_made_for(entry, base)
+    path = weights_path(entry)
+    if not path.is_file():
+        pickled = sorted(p.name for p in entry.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise AdapterError(
+                f"{entry.tag} holds pickled weights ({', '.join(pickled)}), which are never "
+                f"loaded; save it as {WEIGHTS_NAME}"
+            )
+        raise AdapterError(f"{entry.tag} has no {WEIGHTS_NAME}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise AdapterError(f"{entry.tag}: {size} bytes of weights; the limit is {max_bytes}")
+    if hash_folder(entry.path) != entry.metadata.get("content_hash"):
+        raise AdapterError(
+            f"{entry.tag}: its files differ from those saved (content hash mismatch: damaged, "
+            "truncated or edited)"
+        )
+    check_fits(load_adapter_weights(path), pipe)
+
+
 def apply_adapters(
     pipe: StableDiffusionXLPipeline,
     adapters: Sequence[tuple[StoreEntry, float]],
@@ -260,5 +295,6 @@ __all__ = [
     "load_adapter_weights",
     "lora_layers",
     "save_adapter",
+    "verify_adapter",
     "weights_path",
 ]
