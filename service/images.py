@@ -51,14 +51,15 @@ def decode(text: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
             image.load()
     except ImageInputError:
         raise
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageInputError(
+            f"image declares too many pixels (a decompression bomb?); the limit is {max_pixels} "
+            f"pixels ({err})"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageInputError(
             f"image does not decode as {'/'.join(ALLOWED_INPUT)}: {err}"
         ) from None
-    return image.convert("RGB")
+    rgb = image.convert("RGB")
+    rgb.info = {}  # EXIF, ICC, comments: ignored, and not carried further
+    return rgb
