@@ -18,6 +18,7 @@ install: .venv/.installed
 
 quickstart: install
 	.venv/bin/bentolora-models build-tiny
+	.venv/bin/bentolora-models build-tiny-clip
 	$(PY) -m train sample-data data/sample
 	$(PY) -m train --config configs/quickstart.yaml
 

@@ -6,9 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+
+from train.metrics import read_metrics
 
 ROOT = Path(__file__).parent.parent
 
@@ -84,6 +87,9 @@ def test_train_cli_reports_a_missing_base_without_a_traceback(tiny_base, sample_
 
 @pytest.mark.slow
 def test_quickstart_recipe_end_to_end(tiny_base, tmp_path):
+    from models.clip import build_tiny_clip, save_clip
+
+    save_clip(*build_tiny_clip(0), "clip-tiny", source="tiny:seed=0")  # the recipe's CLIP curve
     data = tmp_path / "sample"
     assert run("-m", "train", "sample-data", str(data)).returncode == 0
     result = run(
@@ -107,4 +113,42 @@ def test_quickstart_recipe_end_to_end(tiny_base, tmp_path):
         env=dict(os.environ),
     ).stdout
     assert "lora-quickstart" in listed and "sdxl-tiny" in listed
-    assert (tmp_path / "runs" / "quickstart" / "validation" / "step-00000200" / "00.png").is_file()
+    run_dir = tmp_path / "runs" / "quickstart"
+    assert (run_dir / "validation" / "step-00000200" / "00.png").is_file()
+    check_report(run_dir, prompts=2, resolution=64, validations=(0, 100, 200))
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def check_report(run_dir: Path, *, prompts: int, resolution: int, validations: tuple) -> None:
+    """report.html shows the curves and one grid per validation, all real, non-blank images."""
+    from PIL import Image
+
+    from train.report import PLOT_SIZE_PX
+
+    parser = _Images()
+    page = (run_dir / "report.html").read_text()
+    parser.feed(page)
+    sources = parser.sources
+    expected_plots = ["loss", "lr", "validation_loss", "clip_score"]
+    expected_grids = [f"grid-step-{step:08d}" for step in validations]
+    assert [Path(s).stem for s in sources] == expected_plots + expected_grids
+    for source in sources:
+        image = Image.open(run_dir / source)
+        image.load()
+        if Path(source).stem in expected_plots:
+            assert image.size == PLOT_SIZE_PX
+        else:
+            assert image.size == (prompts * resolution, resolution)
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or [None] * 2) > 1
+    assert "a red circle on a blue background" in page and "rank" in page
+    scored = [r["step"] for r in read_metrics(run_dir) if "clip_score" in r]
+    assert scored == list(validations)

@@ -144,6 +144,9 @@ class TrainConfig:
     """Denoising steps of validation images."""
     validation_guidance: float = 5.0
     """Classifier-free guidance scale of validation images."""
+    validation_clip: str = ""
+    """Store tag of a CLIP model scoring validation images against their prompts (the report's
+    CLIP curve); empty: no CLIP score."""
     validation_loss_examples: int = 8
     """Examples in the fixed-noise validation loss (the same noise and timesteps every time)."""
     log_every: int = 1
@@ -265,7 +268,15 @@ class TrainConfig:
         return from_dict({**self.to_dict(), **changes})
 
 
-RUNTIME_ONLY = ("resume", "store", "tensorboard", "log_every", "output_dir", "cache_dir")
+RUNTIME_ONLY = (
+    "resume",
+    "store",
+    "tensorboard",
+    "log_every",
+    "output_dir",
+    "cache_dir",
+    "validation_clip",
+)
 """Fields that do not change what a run computes: a resumed run may differ in these."""
 
 

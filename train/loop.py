@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from models.adapter import WEIGHTS_NAME, AdapterError, AdapterInfo, check_finite, save_adapter
 from models.bases import get_base
+from models.clip import ClipScorer
 from models.loading import load_pipeline
 from models.store import StoreError
 from train.cache import ExampleCache, cache_key
@@ -33,6 +34,7 @@ from train.lora import add_lora, diffusers_layers, load_trainable_state, trainab
 from train.metrics import MetricsLog
 from train.optim import make_lr_schedule, make_optimizer
 from train.preprocess import Bucket, choose_bucket, make_buckets
+from train.report import write_report
 from train.schedule import BatchSchedule
 from train.step import denoising_loss
 from train.validation import fixed_noise_loss, render_images
@@ -230,12 +232,18 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
             dtype=weight_dtype,
         )
 
+    scorer = (
+        ClipScorer.from_store(config.validation_clip, device=device)
+        if config.validation_clip and accelerator.is_main_process
+        else None
+    )
+
     def render(step: int) -> None:
         if not config.validation_prompts or not accelerator.is_main_process:
             return
         for module in offload:
             module.to(device)
-        render_images(
+        paths = render_images(
             pipe,
             config.validation_prompts,
             run_dir / "validation" / f"step-{step:08d}",
@@ -246,6 +254,10 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
         )
         for module in offload:
             module.to("cpu")
+        if scorer is not None and metrics is not None:
+            images = [Image.open(p) for p in paths]
+            scores = scorer.clip_scores(images, config.validation_prompts).diagonal()
+            metrics.write({"step": step, "clip_score": float(scores.mean())})
 
     base_val_loss = validation_loss()
 
@@ -278,6 +290,8 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
         desc="training",
         disable=not accelerator.is_local_main_process,
     )
+    if start_step == 0:
+        render(0)  # the base's images, for the report to compare against
     loss_value = float("nan")
     tick = time.time()
 
@@ -409,5 +423,20 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
             tag = save_adapter(config.name, layers, info, lora_config=lora_dicts).tag
         except StoreError as err:
             raise TrainingError(f"{err}. The trained weights are kept in {kept}") from err
+    if accelerator.is_main_process:
+        write_report(
+            run_dir,
+            config=config.to_dict(),
+            dataset=scan.summary(),
+            summary={
+                "adapter": tag or "(not stored)",
+                "steps": total_steps,
+                "final_loss": loss_value,
+                **validation,
+                "wall_time_s": round(wall, 2),
+                "weights": str(kept),
+            },
+            prompts=config.validation_prompts,
+        )
     accelerator.wait_for_everyone()
     return TrainResult(tag, total_steps, loss_value, validation, wall, run_dir)
