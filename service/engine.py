@@ -7,7 +7,6 @@ an image does not depend on what it was batched with.
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import secrets
@@ -74,11 +73,16 @@ class Engine:
         SERVED.reload_adapters = self.reload_adapters
         SERVED.settings = settings
         SERVED.base_tag = self.base.tag
-        # Copies: request validation tokenizes on the event loop while a batch tokenizes in the
-        # pipeline; a fast tokenizer shared across threads switches padding/truncation under
-        # the other caller (seen under load as "expected sequence of length 13 (got 12)").
+        # Own instances: request validation tokenizes on the event loop while a batch tokenizes
+        # in the pipeline; a fast tokenizer shared across threads switches padding/truncation
+        # under the other caller (seen under load as "expected sequence of length 13 (got 12)").
+        # Loaded afresh, since a deepcopy loses the decoder that error messages use.
         SERVED.tokenizers = tuple(
-            copy.deepcopy(t) for t in (self.pipe.tokenizer, self.pipe.tokenizer_2)
+            type(t).from_pretrained(self.base.path / folder)
+            for t, folder in (
+                (self.pipe.tokenizer, "tokenizer"),
+                (self.pipe.tokenizer_2, "tokenizer_2"),
+            )
         )
         SERVED.ready = True
         log.info(
