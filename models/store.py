@@ -8,6 +8,7 @@ either no new version or a complete one, and `latest` never names a partial entr
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -21,7 +22,7 @@ from typing import Any
 
 import attr
 import bentoml
-from bentoml._internal.models.model import Model, ModelContext
+from bentoml._internal.models.model import MODEL_YAML_FILENAME, Model, ModelContext, ModelInfo
 from bentoml.exceptions import NotFound
 
 from models.hashing import hash_folder
@@ -122,6 +123,89 @@ def list_entries(kind: str | None = None) -> list[StoreEntry]:
     return sorted(entries, key=lambda e: by_time[e.tag], reverse=True)
 
 
+_held_locks: dict[str, int] = {}
+"""Names this process holds the entry lock of, with the nesting depth (flock is not reentrant)."""
+
+
+def _staging_root() -> Path:
+    return store_root().parent / ".bentolora-staging"
+
+
+@contextmanager
+def entry_lock(name: str) -> Iterator[None]:
+    """Hold the lock of store name `name` (all its versions) across processes; reentrant.
+
+    A read-modify-write of labels (a promotion archives one version and promotes another) must
+    not interleave with another process doing the same.
+    """
+    if _held_locks.get(name):
+        _held_locks[name] += 1
+        try:
+            yield
+        finally:
+            _held_locks[name] -= 1
+        return
+    locks = store_root().parent / ".bentolora-locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _held_locks[name] = 1
+        try:
+            yield
+        finally:
+            _held_locks.pop(name, None)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def update_entry(
+    tag: str,
+    *,
+    metadata: dict[str, Any] | None = None,
+    labels: dict[str, str | None] | None = None,
+) -> StoreEntry:
+    """Merge `metadata` and `labels` into an existing version's `model.yaml`, atomically.
+
+    Top-level keys are replaced; a label set to None is removed. The new `model.yaml` is written
+    beside the store (same file system) and renamed over the old one, so a reader sees the old
+    file or the new one, never a partial one. The weights are untouched, and the content hash
+    ignores `model.yaml` (models.hashing.IGNORED), so adapter checks still pass.
+    """
+    entry = get_entry(tag)
+    with entry_lock(entry.name):
+        info = bentoml.models.get(entry.tag).info  # read again under the lock
+        new_labels = {**info.labels, **(labels or {})}
+        updated = ModelInfo(
+            tag=info.tag,
+            module=info.module,
+            labels={k: v for k, v in new_labels.items() if v is not None},
+            options=info._options,
+            metadata={**info.metadata, **(metadata or {})},
+            context=info.context,
+            signatures=info.signatures,
+            api_version=info.api_version,
+            creation_time=info.creation_time,
+        )
+        staging = _staging_root()
+        staging.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f"{entry.name}-", suffix=".yaml", dir=staging)
+        try:
+            with os.fdopen(handle, "w") as f:
+                updated.dump(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, entry.path / MODEL_YAML_FILENAME)
+        except BaseException as err:
+            Path(tmp).unlink(missing_ok=True)
+            if _disk_full(err):
+                raise StoreError(
+                    f"cannot update {entry.tag}: no space left on the disk holding the model "
+                    f"store ({_free(entry.path)} free); it is unchanged"
+                ) from err
+            raise
+    log.info("updated %s (%s)", entry.tag, ", ".join([*(metadata or {}), *(labels or {})]))
+    return get_entry(entry.tag)
+
+
 @dataclass
 class Staged:
     """A store entry being written: fill `path`, add to `metadata`, before the block ends."""
@@ -153,7 +237,7 @@ def create_entry(
     """
     check_name(name)
     root = store_root()
-    staging_root = root.parent / ".bentolora-staging"
+    staging_root = _staging_root()
     stage: Path | None = None
     published: Path | None = None
     try:

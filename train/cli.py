@@ -2,6 +2,7 @@
 
 python -m train --config configs/quickstart.yaml --rank 8 --max-steps 200
 python -m train sample-data data/sample
+python -m train evaluate --adapter lora-quickstart --prompts prompts.txt --promote
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train",
         description="Train a LoRA adapter for an SDXL base in the BentoML model store. Options "
         "override the --config YAML file; lists are comma-separated. Also: "
-        "`python -m train sample-data DIR` writes a small sample dataset.",
+        "`python -m train sample-data DIR` writes a small sample dataset; "
+        "`python -m train evaluate --help` scores and gates an adapter.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML recipe (see configs/)")
@@ -89,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if argv[:1] == ["sample-data"]:
         return sample_data_main(argv[1:])
+    if argv[:1] == ["evaluate"]:
+        from train.evaluate_cli import evaluate_main
+
+        return evaluate_main(argv[1:])
     try:
         config = config_from_args(argv)
     except ConfigError as err:

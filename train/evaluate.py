@@ -1,0 +1,360 @@
+"""Evaluate a stored adapter: render fixed seeds with the base, the adapter and the production
+version, score the images (models.quality), record the results, and apply the quality gate.
+
+Everything that can be wrong with the inputs is found by `plan` before any image is generated;
+the store is written (evaluation metadata, then stage labels) only after every image is scored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from models.adapter import apply_adapters, check_made_for, get_adapter
+from models.bases import get_base, parse_dtype
+from models.clip import KIND as CLIP_KIND
+from models.clip import ClipScorer
+from models.hashing import hash_file
+from models.loading import load_pipeline
+from models.quality import (
+    HIGHER_IS_BETTER,
+    clip_image_features,
+    clip_score_stats,
+    fid,
+    kid,
+    lpips_clip,
+    ssim,
+    to_tensor,
+)
+from models.stages import production_versions, promote
+from models.store import StoreEntry, get_entry, update_entry
+from train.eval_inputs import (
+    EvaluationInputError,
+    PromptRow,
+    open_image,
+    read_prompts,
+    read_reference_dir,
+)
+from train.gate import Decision, decide
+from train.validation import VALIDATION_SEED
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIP = "clip-tiny"
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 5.0
+
+
+@dataclass
+class EvalOptions:
+    """What `python -m train evaluate` takes; 0 / "" / None mean "from the adapter's metadata"."""
+
+    adapter: str
+    prompts: str
+    clip: str = ""
+    reference: str = ""
+    seeds_per_prompt: int = 1
+    seed: int = VALIDATION_SEED
+    size: int = 0
+    steps: int = 0
+    guidance: float | None = None
+    scale: float = 1.0
+    metric: str = "clip_score"
+    margin: float = 0.0
+    promote: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str = ""
+
+
+@dataclass
+class Plan:
+    """Everything resolved and checked before the first image is generated."""
+
+    options: EvalOptions
+    adapter: StoreEntry
+    base: StoreEntry
+    production: StoreEntry | None
+    clip: str
+    rows: list[PromptRow]
+    references: dict[int, Image.Image]
+    """Prompt index -> its reference image."""
+    reference_images: list[Image.Image]
+    size: int
+    steps: int
+    guidance: float
+    device: str
+    dtype: torch.dtype
+    out: Path
+    metrics: list[str]
+    """The metrics these inputs allow, in table order."""
+    jobs: list[tuple[int, int, int]]
+    """(prompt index, seed index, seed) per image."""
+
+
+@dataclass
+class Evaluation:
+    plan: Plan
+    results: dict[str, dict[str, Any]]
+    """Variant ("base", "adapter", "production") -> metric -> value."""
+    reference_variant: str
+    decision: Decision | None
+    archived: list[str]
+    results_path: Path
+
+
+def plan(options: EvalOptions) -> Plan:
+    """Resolve the adapter, its base, the production version, the CLIP model and the inputs, or
+    raise (StoreError, AdapterError, EvaluationInputError) saying what to change."""
+    if options.seeds_per_prompt < 1:
+        raise EvaluationInputError("--seeds-per-prompt must be at least 1")
+    if options.metric not in HIGHER_IS_BETTER:
+        raise EvaluationInputError(
+            f"--metric {options.metric!r} is not one of {', '.join(HIGHER_IS_BETTER)}"
+        )
+    adapter = get_adapter(options.adapter)
+    base = get_base(adapter.metadata.get("base_tag", ""))
+    check_made_for(adapter, base)
+    rows = read_prompts(options.prompts)
+    reference_images = read_reference_dir(options.reference) if options.reference else []
+    references = {i: open_image(r.reference) for i, r in enumerate(rows) if r.reference}
+    metrics = ["clip_score"]
+    if references:
+        metrics += ["ssim", "lpips_clip"]
+    if reference_images:
+        metrics += ["fid_clip", "kid_clip"]
+    if options.metric not in metrics:
+        need = (
+            "--reference DIR (a folder of real images)"
+            if options.metric in ("fid_clip", "kid_clip")
+            else 'reference images in the prompts file (.jsonl rows with "image")'
+        )
+        raise EvaluationInputError(f"--metric {options.metric} needs {need}")
+    images = len(rows) * options.seeds_per_prompt
+    if reference_images and images < 2:
+        raise EvaluationInputError(
+            f"fid_clip and kid_clip need at least 2 generated images; {images} would be made: "
+            "add prompts or raise --seeds-per-prompt"
+        )
+    training = adapter.metadata.get("training_config") or {}
+    clip = options.clip or training.get("validation_clip") or DEFAULT_CLIP
+    clip = get_entry(clip, kind=CLIP_KIND).tag
+    size = options.size or _positive_int(training.get("resolution")) or native_size(base)
+    if size % 8 or size < 16:
+        raise EvaluationInputError(f"--size {size}: use a multiple of 8, at least 16")
+    if options.steps < 0:
+        raise EvaluationInputError("--steps must be at least 1")
+    steps = options.steps or _positive_int(training.get("validation_inference_steps"))
+    guidance = options.guidance
+    if guidance is None:
+        trained = training.get("validation_guidance")
+        guidance = float(trained) if isinstance(trained, (int, float)) else DEFAULT_GUIDANCE
+    device = _device(options.device)
+    out = Path(options.out or Path("runs") / "evaluate" / f"{adapter.name}-{adapter.version}")
+    n = len(rows)
+    jobs = [
+        (i, j, options.seed + j * n + i) for i in range(n) for j in range(options.seeds_per_prompt)
+    ]
+    return Plan(
+        options=options,
+        adapter=adapter,
+        base=base,
+        production=_production(adapter),
+        clip=clip,
+        rows=rows,
+        references=references,
+        reference_images=reference_images,
+        size=size,
+        steps=steps or DEFAULT_STEPS,
+        guidance=guidance,
+        device=device,
+        dtype=_dtype(options.dtype, device),
+        out=out,
+        metrics=metrics,
+        jobs=jobs,
+    )
+
+
+def _positive_int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def native_size(base: StoreEntry) -> int:
+    """The base's default image side: UNet sample size × VAE downscaling (1024 for SDXL)."""
+    unet = json.loads((base.path / "unet" / "config.json").read_text())
+    vae = json.loads((base.path / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EvaluationInputError(f"--device {name}: no CUDA device is available")
+    return name
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return parse_dtype(name)
+
+
+def _production(adapter: StoreEntry) -> StoreEntry | None:
+    """The newest other production version of the adapter's name, if it fits the same base."""
+    for entry in production_versions(adapter.name):
+        if entry.tag == adapter.tag:
+            continue
+        if entry.metadata.get("base_hash") != adapter.metadata.get("base_hash"):
+            log.warning(
+                "production version %s was made for base %s, not %s; comparing with the base",
+                entry.tag,
+                entry.metadata.get("base_tag"),
+                adapter.metadata.get("base_tag"),
+            )
+            return None
+        return entry
+    return None
+
+
+def evaluate(plan: Plan) -> Evaluation:
+    """Render and score every variant, then write results.json, the adapter's `evaluation`
+    metadata and, with `promote`, the stage labels the gate decides."""
+    options = plan.options
+    pipe = load_pipeline(f"store:{plan.base.tag}", dtype=plan.dtype, device=plan.device)
+    pipe.set_progress_bar_config(disable=True)
+    scorer = ClipScorer.from_store(plan.clip, device=plan.device)
+    reference_features = (
+        clip_image_features(scorer, plan.reference_images) if plan.reference_images else None
+    )
+    variants: list[tuple[str, StoreEntry | None]] = [("base", None), ("adapter", plan.adapter)]
+    if plan.production is not None:
+        variants.append(("production", plan.production))
+    results = {}
+    for label, entry in variants:
+        if entry is not None:
+            apply_adapters(pipe, [(entry, options.scale)], base=plan.base)
+        images = render(pipe, plan, plan.out / label, label)
+        results[label] = score(scorer, plan, images, reference_features)
+        results[label]["tag"] = entry.tag if entry is not None else plan.base.tag
+    reference_variant = "production" if plan.production is not None else "base"
+    decision = None
+    if options.promote:
+        decision = decide(
+            options.metric,
+            results["adapter"][options.metric],
+            results[reference_variant][options.metric],
+            margin=options.margin,
+            reference_name=f"{reference_variant} {results[reference_variant]['tag']}",
+        )
+    record = _record(plan, results, reference_variant, decision)
+    results_path = plan.out / "results.json"
+    results_path.write_text(json.dumps(record, indent=2) + "\n")
+    update_entry(plan.adapter.tag, metadata={"evaluation": _summary(record)})
+    archived = promote(plan.adapter) if decision is not None and decision.promote else []
+    return Evaluation(plan, results, reference_variant, decision, archived, results_path)
+
+
+@torch.no_grad()
+def render(pipe, plan: Plan, out_dir: Path, label: str) -> list[Image.Image]:
+    """One image per job, each from its own CPU generator, saved as `<prompt>-<seed index>.png`."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    images = []
+    for i, j, seed in tqdm(plan.jobs, desc=f"rendering {label}", unit="image"):
+        image = pipe(
+            plan.rows[i].prompt,
+            height=plan.size,
+            width=plan.size,
+            num_inference_steps=plan.steps,
+            guidance_scale=plan.guidance,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).images[0]
+        image.save(out_dir / f"{i:03d}-{j:02d}.png")
+        images.append(image)
+    return images
+
+
+def score(
+    scorer: ClipScorer,
+    plan: Plan,
+    images: list[Image.Image],
+    reference_features: torch.Tensor | None,
+) -> dict[str, Any]:
+    """Every metric `plan.metrics` allows, for one variant's images (in job order)."""
+    prompts = [plan.rows[i].prompt for i, _, _ in plan.jobs]
+    clip = clip_score_stats(scorer, images, prompts)
+    out: dict[str, Any] = {
+        "clip_score": clip["mean"],
+        "clip_score_std": clip["std"],
+        "clip_score_per_image": clip["per_image"],
+    }
+    paired = [(image, i) for image, (i, _, _) in zip(images, plan.jobs, strict=True)]
+    paired = [(image, plan.references[i]) for image, i in paired if i in plan.references]
+    if paired:
+        generated = [image for image, _ in paired]
+        references = [
+            ref.resize(image.size, Image.Resampling.BICUBIC) if ref.size != image.size else ref
+            for image, ref in paired
+        ]
+        out["ssim"] = float(ssim(to_tensor(generated), to_tensor(references)).mean())
+        out["lpips_clip"] = float(lpips_clip(scorer, generated, references).mean())
+        out["paired_images"] = len(paired)
+    if reference_features is not None:
+        features = clip_image_features(scorer, images)
+        out["fid_clip"] = fid(features, reference_features)
+        out["kid_clip"], out["kid_clip_std"] = kid(features, reference_features)
+    return out
+
+
+def _record(plan: Plan, results, reference_variant: str, decision: Decision | None) -> dict:
+    options = plan.options
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "adapter": plan.adapter.tag,
+        "base": plan.base.tag,
+        "production": plan.production.tag if plan.production is not None else "",
+        "clip": plan.clip,
+        "prompts_file": str(Path(options.prompts).resolve()),
+        "prompts_sha256": hash_file(options.prompts),
+        "prompts": len(plan.rows),
+        "reference_dir": str(Path(options.reference).resolve()) if options.reference else "",
+        "reference_images": len(plan.reference_images),
+        "seeds_per_prompt": options.seeds_per_prompt,
+        "seeds": [seed for _, _, seed in plan.jobs],
+        "size": plan.size,
+        "steps": plan.steps,
+        "guidance": plan.guidance,
+        "scale": options.scale,
+        "device": plan.device,
+        "dtype": str(plan.dtype).removeprefix("torch."),
+        "metrics": plan.metrics,
+        "results": results,
+        "reference_variant": reference_variant,
+        "gate": (
+            {"metric": options.metric, "margin": options.margin, **asdict(decision)}
+            if decision is not None
+            else None
+        ),
+        "images": {label: str(plan.out / label) for label in results},
+    }
+
+
+def _summary(record: dict) -> dict:
+    """What the store keeps: the record without per-image lists and local image paths."""
+    summary = {k: v for k, v in record.items() if k not in ("images", "results")}
+    summary["gate"] = summary["gate"] or {}
+    summary["results"] = {
+        label: {k: v for k, v in values.items() if not k.endswith("_per_image")}
+        for label, values in record["results"].items()
+    }
+    return summary
