@@ -13,11 +13,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.request_guard import refuse
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+UI_PREFIX = "/ui"
+"""The web UI's page and Gradio's own routes: open, since the UI asks for the token and sends it
+with each call it makes to the API (see service/ui.py)."""
 ADMIN_PATHS = frozenset({"/adapters/reload"})
 
 
 def _matches(given: str, expected: str) -> bool:
     return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path == UI_PREFIX or path.startswith(UI_PREFIX + "/")
 
 
 class BearerAuth:
@@ -27,7 +34,7 @@ class BearerAuth:
         self.admin_token = admin_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or _open(scope["path"]):
             return await self.app(scope, receive, send)
         given = ""
         for key, value in scope["headers"]:

@@ -73,6 +73,7 @@ class Engine:
         SERVED.reload_adapters = self.reload_adapters
         SERVED.settings = settings
         SERVED.base_tag = self.base.tag
+        SERVED.default_size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         # Own instances: request validation tokenizes on the event loop while a batch tokenizes
         # in the pipeline; a fast tokenizer shared across threads switches padding/truncation
         # under the other caller (seen under load as "expected sequence of length 13 (got 12)").
@@ -91,14 +92,24 @@ class Engine:
 
     def refresh_adapters(self) -> None:
         """Read the store: per adapter name, the newest version made for this base that passes
-        every check (verify_adapter); versions that fail are listed as refused, with why."""
+        every check (verify_adapter); versions that fail are listed as refused, with why.
+        With BENTOLORA_PROMOTED_ONLY only versions labelled stage=production count; a name with
+        no such version is refused as not promoted."""
+        from models.stages import is_production
+
         served, foreign, refused = {}, {}, {}
-        for entry in list_adapters():  # newest first
+        entries = list_adapters()  # newest first
+        promoted = {e.name.removeprefix("lora-") for e in entries if is_production(e)}
+        for entry in entries:
             name = entry.name.removeprefix("lora-")
             if name in served:
                 continue
             if entry.metadata.get("base_hash") != self.base.metadata["content_hash"]:
                 foreign.setdefault(name, entry.metadata.get("base_tag", "?"))
+                continue
+            if self.settings.promoted_only and not is_production(entry):
+                if name not in promoted:
+                    refused.setdefault(name, "not promoted (BENTOLORA_PROMOTED_ONLY)")
                 continue
             try:
                 verify_adapter(
@@ -206,7 +217,9 @@ class Engine:
                 num_inference_steps=first.steps,
                 guidance_scale=first.guidance,
                 generator=[torch.Generator("cpu").manual_seed(s) for s in image_seeds],
+                callback_on_step_end=_report_progress,
             ).images
+            SERVED.progress = (0, 0)
             compute = time.perf_counter() - started
         metrics.images(len(chunk))
         used = [
@@ -264,6 +277,12 @@ class Engine:
             i0 += len(request.images)
             t0 += len(request.texts)
         return out
+
+
+def _report_progress(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+    """Called by the pipeline after each denoising step: the UI shows it as progress."""
+    SERVED.progress = (step + 1, pipe.num_timesteps)
+    return callback_kwargs
 
 
 def free_device_memory(device: str) -> None:

@@ -33,6 +33,11 @@ class Served:
     reload_adapters: Any = None
     """Callable re-reading the store (the admin route calls it); set by the engine."""
 
+    default_size: int = 1024
+    """The base's native image side in pixels (what the UI offers first)."""
+    progress: tuple[int, int] = (0, 0)
+    """(step done, steps) of the batch denoising now; (0, 0) when the GPU is idle. Read by the UI."""
+
     unavailable: tuple[float, str] = (0.0, "")
     """(monotonic time, why) of the last 503 the engine raised: the body of that 503."""
 

@@ -12,6 +12,7 @@ from service.middleware import install_middleware
 from service.registry import SERVED
 from service.schemas import GenerateRequest, GenerateResponse, ScoreRequest, ScoreResponse
 from service.settings import Settings
+from service.ui import mount as mount_ui
 
 SETTINGS = Settings.from_env()
 
@@ -50,3 +51,4 @@ class SDXLLoRA:
 
 
 install_middleware(SDXLLoRA, SETTINGS)
+SDXLLoRA = mount_ui(SDXLLoRA, SETTINGS)

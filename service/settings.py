@@ -46,6 +46,11 @@ class Settings:
     """BENTOLORA_ADMIN_TOKEN_FILE: file holding the admin token."""
     cors_origins: str = ""
     """BENTOLORA_CORS_ORIGINS: comma-separated origins allowed by CORS (none: CORS off)."""
+    promoted_only: bool = False
+    """BENTOLORA_PROMOTED_ONLY: 1 serves, per adapter name, only the newest version labelled
+    stage=production (by `python -m train evaluate --promote`); 0 serves the newest version."""
+    ui: bool = True
+    """BENTOLORA_UI: 1 serves the web UI at /ui (on the service's port), 0 leaves it out."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -82,18 +87,23 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        """Settings from BENTOLORA_* variables; every bad value is reported in one ValueError."""
         env = dict(os.environ if env is None else env)
-        values = {}
+        values, problems = {}, []
         for f in fields(cls):
             raw = env.get(f"BENTOLORA_{f.name.upper()}")
             if raw is not None:
                 try:
-                    values[f.name] = int(raw) if f.type == "int" else raw
-                except ValueError:
-                    raise ValueError(
-                        f"BENTOLORA_{f.name.upper()}={raw!r} is not an integer"
-                    ) from None
-        return cls(**values)
+                    values[f.name] = _parse(f.type, raw)
+                except ValueError as err:
+                    problems.append(f"BENTOLORA_{f.name.upper()}={raw!r} {err}")
+        try:
+            settings = cls(**values)
+        except ValueError as err:
+            problems.append(str(err))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return settings
 
     def bearer_token(self) -> str:
         """The client token, from the variable or the secret file; empty when auth is off."""
@@ -120,6 +130,24 @@ class Settings:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
             self.dtype
         ]
+
+
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}
+BOOLEANS.update({"0": False, "false": False, "no": False, "off": False, "": False})
+
+
+def _parse(kind: str, raw: str) -> int | bool | str:
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError("is not an integer") from None
+    if kind == "bool":
+        try:
+            return BOOLEANS[raw.strip().lower()]
+        except KeyError:
+            raise ValueError("is not a boolean: use 1 or 0 (true/false, yes/no, on/off)") from None
+    return raw
 
 
 def _read(path: str) -> str:
