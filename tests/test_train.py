@@ -120,12 +120,15 @@ def test_adapter_lands_in_the_store_with_its_metadata(trained, tiny_base, sample
 
 
 def test_metrics_and_validation_images_are_written(trained):
-    config, _ = trained
+    config, result = trained
     records = read_metrics(config.run_dir())
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 61))
     assert all({"lr", "it_s", "images_s", "grad_norm", "peak_memory_gb"} <= set(r) for r in steps)
-    assert any("validation_loss" in r for r in records)
+    validation = {r["step"]: r["validation_loss"] for r in records if "validation_loss" in r}
+    # The base's loss is the curve's first point, so the report shows where training started.
+    assert validation[0] == result.validation["fixed_noise_loss_base"]
+    assert validation[60] == result.validation["fixed_noise_loss"]
     for step in (30, 60):
         image = Image.open(config.run_dir() / "validation" / f"step-{step:08d}" / "00.png")
         assert image.size == (64, 64)

@@ -292,6 +292,8 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
     )
     if start_step == 0:
         render(0)  # the base's images, for the report to compare against
+        if metrics is not None:
+            metrics.write({"step": 0, "validation_loss": base_val_loss})  # the base's, too
     loss_value = float("nan")
     tick = time.time()
 

@@ -134,7 +134,7 @@ def _html(name, plots, grids, prompts, config, dataset, summary) -> str:
         f"<title>bentolora run {html.escape(name)}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:100%;"
         "image-rendering:pixelated}th{text-align:left;padding-right:1em;vertical-align:top}"
-        "td{font-family:monospace}</style></head><body>",
+        "td{font-family:monospace}img.grid{min-width:384px}</style></head><body>",
         f"<h1>Run {html.escape(name)}</h1>",
         "<h2>Result</h2>",
         table(summary),
@@ -145,7 +145,7 @@ def _html(name, plots, grids, prompts, config, dataset, summary) -> str:
         if prompts
         else "<p>No validation prompts configured.</p>",
         *(
-            f"<h3>step {step}</h3><p><img src='{rel(grid)}' alt='step {step}'></p>"
+            f"<h3>step {step}</h3><p><img class='grid' src='{rel(grid)}' alt='step {step}'></p>"
             for step, grid in grids
         ),
         "<h2>Dataset</h2>",
