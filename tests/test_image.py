@@ -130,6 +130,9 @@ def test_the_image_serves_generate_and_score(image):
             assert generated.adapters[0]["name"] == "quickstart"
             scores = client.score([generated.image, Image.new("RGB", (64, 64))], ["a red circle"])
             assert len(scores.clip_scores) == 2 and scores.image_similarity[0][0] > 0.999
+        # The web UI ships in the image too (gradio is a dependency of the project wheel).
+        with urllib.request.urlopen(url + "/ui/", timeout=30) as page:
+            assert page.status == 200 and b"gradio" in page.read().lower()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
