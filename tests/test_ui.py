@@ -80,6 +80,13 @@ def open_ui(page, url: str) -> None:
     page.locator("#health").get_by_text("ready").wait_for()
 
 
+def sign_in(page, url: str) -> None:
+    open_ui(page, url)
+    page.locator("#token input").fill(TOKEN)
+    page.locator("#token input").press("Enter")
+    page.locator("#adapters-info").get_by_text("ui-style").wait_for()
+
+
 def gallery_images(page) -> list[np.ndarray]:
     """The gallery's images as pixels, fetched by the browser from the UI's own URLs."""
     sources = page.locator("#gallery img").evaluate_all("imgs => imgs.map(i => i.src)")
@@ -154,10 +161,7 @@ def test_ui_asks_for_the_token_then_generates_with_two_adapters(server, page):
 
 
 def test_ui_reuse_seed_and_bad_input(server, page):
-    open_ui(page, server)
-    page.locator("#token input").fill(TOKEN)
-    page.locator("#token input").press("Enter")
-    page.locator("#adapters-info").get_by_text("ui-style").wait_for()
+    sign_in(page, server)
 
     # A blank prompt: the server's own 400 message is shown, nothing is generated.
     page.locator("#prompt textarea").fill("   ")
@@ -180,10 +184,7 @@ def test_ui_reuse_seed_and_bad_input(server, page):
 
 
 def test_ui_shows_progress_while_generating(server, page):
-    open_ui(page, server)
-    page.locator("#token input").fill(TOKEN)
-    page.locator("#token input").press("Enter")
-    page.locator("#adapters-info").get_by_text("ui-style").wait_for()
+    sign_in(page, server)
     page.locator("#prompt textarea").fill("a long render")
     set_number(page, "steps", 150)
     set_number(page, "num", 4)
