@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import bentoml
+import numpy as np
 import pytest
 from PIL import Image
 from quality_helpers import save_clip_folder, torchmetrics_clip_scores
@@ -94,9 +95,9 @@ def test_evaluate_end_to_end(inputs, tmp_path):
         scores = torchmetrics_clip_scores(clip_dir, images, prompts)
         assert record["results"][label]["clip_score_per_image"] == pytest.approx(scores, abs=1e-4)
         mean = sum(scores) / len(scores)
-        assert float(table_row(result.stdout, "clip_score")[column]) == pytest.approx(
-            mean, abs=1e-4
-        )
+        shown_mean, shown_std = table_row(result.stdout, "clip_score")[column].split("±")
+        assert float(shown_mean) == pytest.approx(mean, abs=1e-4)
+        assert float(shown_std) == pytest.approx(np.std(scores), abs=1e-4)
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:

@@ -141,22 +141,26 @@ def evaluate_main(argv: Sequence[str]) -> int:
 
 
 def table(result: Evaluation) -> str:
-    """metric | base | adapter | (production) | better? (adapter vs the reference variant)."""
+    """metric | base | adapter | (production) | better? (adapter vs the reference variant).
+    A value with a spread is shown as mean±std (over images for CLIP score, subsets for KID)."""
     labels = [label for label in ("base", "adapter", "production") if label in result.results]
     reference = result.reference_variant
     header = ["metric", *labels, f"better than {reference}?"]
     rows = [header]
     for metric in result.plan.metrics:
-        values = [result.results[label][metric] for label in labels]
+        cells = [_cell(result.results[label], metric) for label in labels]
         direction = "higher" if HIGHER_IS_BETTER[metric] else "lower"
         verdict = better(
             metric, result.results["adapter"][metric], result.results[reference][metric]
         )
-        rows.append(
-            [f"{metric} ({direction})", *(f"{v:.4f}" for v in values), "yes" if verdict else "no"]
-        )
+        rows.append([f"{metric} ({direction})", *cells, "yes" if verdict else "no"])
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+def _cell(values: dict, metric: str) -> str:
+    std = values.get(f"{metric}_std")
+    return f"{values[metric]:.4f}" + (f"±{std:.4f}" if std else "")
