@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install quickstart serve image test test-fast lint clean
+.PHONY: install quickstart serve image test test-fast lint bench clean
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -41,6 +41,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# Serving and training speed against plain diffusers (bench/RESULTS.md): the tiny model on a CPU,
+# full-size SDXL on a GPU. Results in runs/bench/.
+bench: install
+	$(PY) -m bench.run --out runs/bench
 
 clean:
 	rm -rf .venv runs data .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmarks of serving and training against plain diffusers; see bench/RESULTS.md."""

@@ -1,0 +1,64 @@
+"""The benchmark harness runs end to end on a CPU with the tiny model (a harness check: no speed
+is asserted, only that every row is there, its numbers make sense and the images match)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+ROWS = [
+    "diffusers eager, batch 1",
+    "diffusers eager, batch 2",
+    "diffusers eager + LoRA r8, batch 2",
+    "engine, batch 1",
+    "engine, batch 2",
+    "engine + LoRA, batch 2",
+    "engine, LoRA switching a/b, batch 2",
+    "HTTP service, concurrency 1, 2 adapters mixed",
+    "HTTP service, concurrency 2, 2 adapters mixed",
+    "plain peft loop, r16, batch 2",
+    "project train, r16, batch 2",
+]
+
+
+@pytest.mark.slow
+def test_bench_runs_on_cpu_with_the_tiny_model(tmp_path):
+    out = tmp_path / "bench"
+    command = [sys.executable, "-m", "bench.run", "--device", "cpu", "--size", "64"]
+    command += ["--steps", "2", "--batch", "2", "--concurrency", "1,2", "--requests", "2"]
+    command += ["--repeats", "1", "--train-steps", "1", "--out", str(out)]
+    # About 40 s on 2 cores; the bound only stops a hang (a server that never gets ready).
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert "errors" not in results
+    assert results["model"] == "tiny" and results["device"].startswith("cpu")
+    assert [r["name"] for r in results["rows"]] == ROWS
+    for row in results["rows"]:
+        for key in ("images_per_s", "p50_s", "p95_s", "achieved_tflops", "peak_memory_gb"):
+            assert row[key] > 0 and math.isfinite(row[key]), (row["name"], key, row[key])
+        assert row["p95_s"] >= row["p50_s"]
+        if row["baseline"]:
+            assert row["ratio"] > 0
+    assert results["flops"]["per_image"] > results["flops"]["unet_forward"] > 0
+
+    # The service's images are the eager diffusers images, in process and over HTTP (PNG).
+    for path in ("engine", "http"):
+        for case in ("plain", "lora"):
+            diff = results["correctness"][path][case]
+            assert diff["max_abs_diff"] <= 2 and diff["psnr_db"] > 40, (path, case, diff)
+
+    # ...while the adapter itself changes the image far more than that.
+    assert results["correctness"]["diffusers"]["lora vs no lora"]["max_abs_diff"] > 5
+
+    table = (out / "results.md").read_text()
+    assert all(name in table for name in ROWS)
+    assert table in done.stdout
