@@ -188,15 +188,18 @@ def generate(
             outcome["images"] = call_generate(server_address(request), token, body)
         except (UIError, httpx.HTTPError) as err:
             outcome["error"] = str(err)
+        except Exception as err:  # an answer the UI cannot read: say so, not a bare KeyError
+            log.exception("UI call to /generate failed")
+            outcome["error"] = f"unexpected answer from the service: {err}"
 
     worker = threading.Thread(target=call, daemon=True)
     worker.start()
     progress(0.0, desc="queued")
     while worker.is_alive():
         worker.join(0.1)
-        step, steps = SERVED.progress
-        if steps:
-            progress((step, steps), desc="denoising (the batch on the GPU)", unit="steps")
+        done, total = SERVED.progress
+        if total:
+            progress((done, total), desc="denoising (the batch on the GPU)", unit="steps")
     if "error" in outcome:
         raise gr.Error(outcome["error"])
     images = outcome["images"]
