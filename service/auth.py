@@ -14,6 +14,17 @@ from service.request_guard import refuse
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 UI_PREFIX = "/ui"
+UNUSED_UI_ROUTES = (
+    "/ui/gradio_api/upload",
+    "/ui/gradio_api/proxy=",
+    "/ui/gradio_api/vibe",
+    "/ui/gradio_api/undo-vibe",
+    "/ui/gradio_api/dev/",
+    "/ui/gradio_api/process_recording",
+    "/ui/monitoring",
+)
+"""Gradio routes this UI has no use for (it takes no uploads, proxies nothing, runs no editor):
+answered 404 before Gradio sees them, so the open /ui prefix does not open them."""
 """The web UI's page and Gradio's own routes: open, since the UI asks for the token and sends it
 with each call it makes to the API (see service/ui.py)."""
 ADMIN_PATHS = frozenset({"/adapters/reload"})
@@ -34,6 +45,8 @@ class BearerAuth:
         self.admin_token = admin_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(UNUSED_UI_ROUTES):
+            return await refuse(scope, receive, send, 404, "not served")
         if scope["type"] != "http" or _open(scope["path"]):
             return await self.app(scope, receive, send)
         given = ""

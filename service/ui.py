@@ -314,4 +314,16 @@ def mount(service_class: Any, settings: Settings) -> Any:
     log.debug("UI built in %.1f s", time.perf_counter() - started)
     import bentoml
 
-    return bentoml.gradio.mount_gradio_app(ui, path=PATH)(service_class)
+    service_class = bentoml.gradio.mount_gradio_app(ui, path=PATH)(service_class)
+    # Gradio's ~80 internal routes are the UI's business, not the API's: keep them out of the
+    # service's OpenAPI document (/docs.json), which clients and the fuzzing test read.
+    _hide_from_schema(service_class.mount_apps[-1][0].routes)
+    return service_class
+
+
+def _hide_from_schema(routes: list) -> None:
+    for route in routes:
+        if hasattr(route, "original_router"):  # FastAPI's included router: its own routes
+            _hide_from_schema(route.original_router.routes)
+        elif hasattr(route, "include_in_schema"):
+            route.include_in_schema = False

@@ -193,3 +193,20 @@ def test_ui_shows_progress_while_generating(server, page):
     page.get_by_text("denoising").first.wait_for()
     page.locator("#health").get_by_text("GPU busy").wait_for()
     page.locator("#gallery img").nth(3).wait_for()
+
+
+def test_gradio_routes_the_ui_does_not_use_are_closed_and_out_of_the_api_schema(server):
+    with httpx.Client(base_url=server, timeout=30) as http:
+        for method, path in (
+            ("POST", "/ui/gradio_api/upload"),
+            ("GET", "/ui/gradio_api/upload_progress"),
+            ("GET", "/ui/gradio_api/proxy=http://example.com/"),
+            ("GET", "/ui/monitoring"),
+            ("POST", "/ui/gradio_api/vibe-edit/"),
+        ):
+            response = http.request(method, path)
+            assert response.status_code == 404, (path, response.text)
+        assert http.get("/ui/").status_code == 200
+        paths = http.get("/docs.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()["paths"]
+        assert "/generate" in paths and "/score" in paths
+        assert not [p for p in paths if p.startswith("/ui")]
