@@ -134,12 +134,37 @@ def test_the_image_serves_generate_and_score(image):
         with urllib.request.urlopen(url + "/ui/", timeout=30) as page:
             assert page.status == 200 and b"gradio" in page.read().lower()
     finally:
+        # `buildah run` (chroot isolation) does not take the container's processes down with it,
+        # so the server's worker would outlive the test: note them all before stopping.
+        inside = descendants(server.pid)
         os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+        for pid in inside:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         subprocess.run(["buildah", "rm", ctr], capture_output=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` now (children, their children, ...)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def test_production_bentofile_builds_with_stand_in_weights(tmp_path):
