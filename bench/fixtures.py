@@ -14,6 +14,7 @@ from torch import nn
 from models.adapter import AdapterInfo, save_adapter
 from models.bases import save_base
 from models.clip import build_tiny_clip, save_clip
+from models.device import resolve_dtype
 from models.store import StoreEntry
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def build_base(model: str, device: str) -> tuple[StoreEntry, dict[str, float]]:
     else:
         from models.full_size import build_full_size_pipeline
 
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        dtype = resolve_dtype("auto", device)
         pipe = build_full_size_pipeline(dtype=dtype, device=device)
     built = time.perf_counter()
     entry = save_base(pipe, BASE, source=f"bench:{model}")

@@ -15,6 +15,7 @@ from PIL import Image
 
 from bench.measure import Row, image_diff, measure_row
 from models.adapter import weights_path
+from models.device import resolve_dtype
 from models.store import StoreEntry
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def diffusers_call(pipe: StableDiffusionXLPipeline, work: Workload, n: int):
 
 def load_baseline(base: StoreEntry, device: str) -> tuple[StableDiffusionXLPipeline, float]:
     """The store folder through plain `from_pretrained`, as a hand-written server would load it."""
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = resolve_dtype("auto", device)
     started = time.perf_counter()
     pipe = StableDiffusionXLPipeline.from_pretrained(base.path, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -56,10 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-timeout", type=float, default=600.0, help="seconds to /readyz")
     p.add_argument("--keep-store", action="store_true", help="keep the temporary store")
     args = p.parse_args(argv)
-    if args.device == "auto":
-        import torch
+    from models.device import resolve_device
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = resolve_device(args.device)
     args.model = args.model or ("full" if args.device == "cuda" else "tiny")
     full = args.model == "full"
     args.size = args.size or (1024 if full else 64)

@@ -16,6 +16,7 @@ from peft import LoraConfig
 
 from bench.fixtures import TARGETS
 from bench.measure import Row, peak_memory, reset_peak, sync
+from models.device import resolve_dtype
 from models.store import StoreEntry
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def plain_loop(base: StoreEntry, work: TrainWork, device: str) -> Row:
     """What a hand-written LoRA trainer does: bf16 UNet (fp32 on a CPU), fp32 LoRA, AdamW,
     autocast, epsilon loss at random timesteps. No checkpointing, no compile."""
     cuda = device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = resolve_dtype("auto", device)
     reset_peak(device)
     started = time.perf_counter()
     unet = UNet2DConditionModel.from_pretrained(base.path / "unet", dtype=dtype).to(device)

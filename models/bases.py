@@ -5,25 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from diffusers import StableDiffusionXLPipeline
 
+from models.device import parse_dtype
 from models.loading import load_pipeline, resolve_source
 from models.store import StoreEntry, create_entry, get_entry
 
 log = logging.getLogger(__name__)
 
 KIND = "base"
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """`bfloat16` -> torch.bfloat16, with an error naming the allowed values."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}") from None
 
 
 def save_base(

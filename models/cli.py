@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"base: {entry.tag}")
     elif args.command == "build-full-size":
-        from models.bases import parse_dtype
+        from models.device import parse_dtype
         from models.full_size import build_full_size_pipeline
 
         pipe = build_full_size_pipeline(dtype=parse_dtype(args.dtype))

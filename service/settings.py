@@ -116,20 +116,14 @@ class Settings:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     def torch_device(self) -> str:
-        import torch
+        from models.device import resolve_device
 
-        if self.device != "auto":
-            return self.device
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.device)
 
     def torch_dtype(self):
-        import torch
+        from models.device import resolve_dtype
 
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device().startswith("cuda") else torch.float32
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
-            self.dtype
-        ]
+        return resolve_dtype(self.dtype, self.torch_device())
 
 
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}

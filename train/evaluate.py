@@ -20,9 +20,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from models.adapter import apply_adapters, check_made_for, get_adapter
-from models.bases import get_base, parse_dtype
+from models.bases import get_base
 from models.clip import KIND as CLIP_KIND
 from models.clip import ClipScorer
+from models.device import resolve_device, resolve_dtype
 from models.hashing import hash_file
 from models.loading import load_pipeline
 from models.quality import (
@@ -177,7 +178,7 @@ def plan(options: EvalOptions) -> Plan:
         steps=steps or DEFAULT_STEPS,
         guidance=guidance,
         device=device,
-        dtype=_dtype(options.dtype, device),
+        dtype=resolve_dtype(options.dtype, device),
         out=out,
         metrics=metrics,
         jobs=jobs,
@@ -196,17 +197,10 @@ def native_size(base: StoreEntry) -> int:
 
 
 def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = resolve_device(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise EvaluationInputError(f"--device {name}: no CUDA device is available")
     return name
-
-
-def _dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return parse_dtype(name)
 
 
 def _production(adapter: StoreEntry) -> StoreEntry | None:
