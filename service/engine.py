@@ -23,6 +23,7 @@ from models.adapter import AdapterError, list_adapters, verify_adapter
 from models.bases import get_base
 from models.clip import ClipScorer
 from models.loading import load_pipeline
+from models.stages import is_production
 from service import metrics
 from service.adapter_cache import AdapterCache
 from service.images import encode
@@ -95,8 +96,6 @@ class Engine:
         every check (verify_adapter); versions that fail are listed as refused, with why.
         With BENTOLORA_PROMOTED_ONLY only versions labelled stage=production count; a name with
         no such version is refused as not promoted."""
-        from models.stages import is_production
-
         served, foreign, refused = {}, {}, {}
         entries = list_adapters()  # newest first
         promoted = {e.name.removeprefix("lora-") for e in entries if is_production(e)}
@@ -207,19 +206,21 @@ class Engine:
             self.adapters.activate(choices)
             self.pipe.scheduler = make_scheduler(first.scheduler, self.scheduler_config)
             failpoints.hit("pipeline", size=len(chunk))
-            images = self.pipe(
-                prompt=[requests[i].prompt for i, _ in chunk],
-                negative_prompt=[requests[i].negative_prompt for i, _ in chunk]
-                if first.negative_prompt
-                else None,
-                width=first.width,
-                height=first.height,
-                num_inference_steps=first.steps,
-                guidance_scale=first.guidance,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in image_seeds],
-                callback_on_step_end=_report_progress,
-            ).images
-            SERVED.progress = (0, 0)
+            try:
+                images = self.pipe(
+                    prompt=[requests[i].prompt for i, _ in chunk],
+                    negative_prompt=[requests[i].negative_prompt for i, _ in chunk]
+                    if first.negative_prompt
+                    else None,
+                    width=first.width,
+                    height=first.height,
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in image_seeds],
+                    callback_on_step_end=_report_progress,
+                ).images
+            finally:
+                SERVED.progress = (0, 0)  # also when the call fails: the GPU is idle again
             compute = time.perf_counter() - started
         metrics.images(len(chunk))
         used = [
