@@ -1,6 +1,12 @@
-"""Small store entries for tests: a rank-2 adapter on one tiny-UNet layer, made for a given base."""
+"""Small store entries for tests: a rank-2 adapter on one tiny-UNet layer, made for a given base;
+and what the `bentoml` CLI says of the store (the peer the store is checked against)."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -36,3 +42,15 @@ def one_layer(base: StoreEntry, value: float = 0.01) -> dict:
 def one_layer_adapter(name: str, base: StoreEntry, value: float = 0.01) -> StoreEntry:
     """Store `lora-<name>` made for `base`."""
     return save_adapter(name, one_layer(base, value), tiny_info(base))
+
+
+def bentoml_models(*args: str):
+    """`bentoml models <args> -o json`, parsed: the store as BentoML itself reads it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bentoml", "models", *args, "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ,
+    ).stdout
+    return json.loads(out)

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from models.hashing import hash_folder
 from models.stages import ARCHIVED, PRODUCTION, STAGE_LABEL, production_versions, promote
 from models.store import StoreError, get_entry, store_root, update_entry
-from tests.store_helpers import one_layer_adapter
-
-
-def bentoml_get(tag: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "bentoml", "models", "get", tag, "-o", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=os.environ,
-    ).stdout
-    return json.loads(out)
+from tests.store_helpers import bentoml_models, one_layer_adapter
 
 
 def test_update_entry_merges_metadata_and_labels_and_bentoml_reads_it(tiny_base):
@@ -36,7 +22,7 @@ def test_update_entry_merges_metadata_and_labels_and_bentoml_reads_it(tiny_base)
     assert updated.metadata["evaluation"] == {"clip_score": 21.5, "seeds": [1, 2]}
     assert updated.metadata["rank"] == entry.metadata["rank"]  # other keys kept
     assert updated.labels == {**entry.labels, "a": "b"}
-    shown = bentoml_get(entry.tag)
+    shown = bentoml_models("get", entry.tag)
     assert shown["metadata"]["evaluation"]["clip_score"] == 21.5
     assert shown["labels"]["a"] == "b"
     # Weights untouched, no stray file: the content hash still matches (adapters stay servable).

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from models.adapter import get_adapter, list_adapters, save_adapter
 from models.bases import get_base
 from models.hashing import hash_folder
 from models.store import StoreError, create_entry, get_entry, list_entries, store_root
-from tests.store_helpers import one_layer, tiny_info
-
-
-def bentoml_cli_models() -> list[dict]:
-    out = subprocess.run(
-        [sys.executable, "-m", "bentoml", "models", "list", "-o", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=os.environ,
-    ).stdout
-    return json.loads(out)
+from tests.store_helpers import bentoml_models, one_layer, tiny_info
 
 
 def test_base_entry_has_the_contracted_metadata(tiny_base):
@@ -39,7 +23,7 @@ def test_base_entry_has_the_contracted_metadata(tiny_base):
 
 def test_bentoml_cli_lists_base_and_adapter(tiny_base):
     entry = save_adapter("cli-check", one_layer(tiny_base), tiny_info(tiny_base))
-    tags = {m["tag"] for m in bentoml_cli_models()}
+    tags = {m["tag"] for m in bentoml_models("list")}
     assert tiny_base.tag in tags and entry.tag in tags
     assert entry.name == "lora-cli-check"
     assert entry.labels == {"bentolora.kind": "adapter", "bentolora.base": "sdxl-tiny"}
