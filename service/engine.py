@@ -23,6 +23,7 @@ from models.adapter import AdapterError, list_adapters, verify_adapter
 from models.bases import get_base
 from models.clip import ClipScorer
 from models.loading import load_pipeline
+from models.pipeline_speed import speed_up
 from models.stages import is_production
 from service import metrics
 from service.adapter_cache import AdapterCache
@@ -67,7 +68,11 @@ class Engine:
         )
         self.pipe.set_progress_bar_config(disable=True)
         self.scheduler_config = dict(self.pipe.scheduler.config)
-        self.adapters = AdapterCache(self.pipe, self.base)
+        speed = settings.speed_options()
+        speed_up(self.pipe, speed, self.device)  # before any adapter is merged
+        self.adapters = AdapterCache(
+            self.pipe, self.base, mode=settings.lora_mode, device=self.device
+        )
         self.scorer = ClipScorer.from_store(settings.clip, device=self.device)
         self._lock = threading.Lock()  # one pipeline, one batch at a time
         self.refresh_adapters()
@@ -75,6 +80,8 @@ class Engine:
         SERVED.settings = settings
         SERVED.base_tag = self.base.tag
         SERVED.default_size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        if settings.warmup:
+            self.warm_up(SERVED.default_size)
         # Own instances: request validation tokenizes on the event loop while a batch tokenizes
         # in the pipeline; a fast tokenizer shared across threads switches padding/truncation
         # under the other caller (seen under load as "expected sequence of length 13 (got 12)").
@@ -88,8 +95,32 @@ class Engine:
         )
         SERVED.ready = True
         log.info(
-            "serving %s with %d adapters on %s", self.base.tag, len(SERVED.adapters), self.device
+            "serving %s with %d adapters on %s (LoRA %s; speed-ups: %s)",
+            self.base.tag,
+            len(SERVED.adapters),
+            self.device,
+            settings.lora_mode,
+            speed.describe(),
         )
+
+    def warm_up(self, size: int, steps: int = 2) -> None:
+        """Run the pipeline once per batch size served at `size` (1 and the largest): compiles
+        and allocates before the first request. The UNet runs the same shapes at any step
+        count, so two steps are enough."""
+        for n in sorted({1, self.settings.max_batch_images}):
+            started = time.perf_counter()
+            with self._lock:
+                self.pipe(
+                    prompt=["warm-up"] * n,
+                    width=size,
+                    height=size,
+                    num_inference_steps=steps,
+                    guidance_scale=5.0,
+                    generator=torch.Generator("cpu").manual_seed(0),
+                )
+            log.info(
+                "warm-up: %d images of %d px in %.1f s", n, size, time.perf_counter() - started
+            )
 
     def refresh_adapters(self) -> None:
         """Read the store: per adapter name, the newest version made for this base that passes
@@ -204,6 +235,7 @@ class Engine:
         with self._lock:
             started = time.perf_counter()
             self.adapters.activate(choices)
+            switch = self.adapters.last_switch_s
             self.pipe.scheduler = make_scheduler(first.scheduler, self.scheduler_config)
             failpoints.hit("pipeline", size=len(chunk))
             try:
@@ -245,6 +277,7 @@ class Engine:
                     settings=settings,
                     timings={
                         "pipeline_s": round(compute, 4),
+                        "adapter_switch_s": round(switch, 4),
                         "encode_s": round(time.perf_counter() - t0, 4),
                         "batch_images": len(chunk),
                         "batch_requests": batch_requests,

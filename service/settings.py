@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+LORA_MODES = ("fused", "peft")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,27 @@ class Settings:
     stage=production (by `python -m train evaluate --promote`); 0 serves the newest version."""
     ui: bool = True
     """BENTOLORA_UI: 1 serves the web UI at /ui (on the service's port), 0 leaves it out."""
+    lora_mode: str = "fused"
+    """BENTOLORA_LORA_MODE: fused merges the active adapters into the base weights in place (no
+    cost per step, no recompilation on a switch); peft keeps diffusers' LoRA layers beside them
+    (any format diffusers reads, e.g. DoRA; slower per step)."""
+    compile: str = "off"
+    """BENTOLORA_COMPILE: off, blocks (torch.compile of each UNet block: short compile) or unet
+    (the whole UNet). Needs BENTOLORA_LORA_MODE=fused; pair it with BENTOLORA_WARMUP=1."""
+    cuda_graphs: bool = False
+    """BENTOLORA_CUDA_GRAPHS: replay the compiled UNet as CUDA graphs (needs compile, CUDA)."""
+    channels_last: bool = False
+    """BENTOLORA_CHANNELS_LAST: UNet and VAE in channels-last memory format."""
+    fuse_qkv: bool = False
+    """BENTOLORA_FUSE_QKV: one matmul for the q, k, v projections of each attention (needs
+    BENTOLORA_LORA_MODE=fused)."""
+    compile_cache: str = ""
+    """BENTOLORA_COMPILE_CACHE: folder for compiled kernels (a persistent volume makes restarts
+    skip compiling); empty: torch's default under /tmp."""
+    warmup: bool = False
+    """BENTOLORA_WARMUP: before reporting ready, run the pipeline at the base's size with 1 and
+    BENTOLORA_MAX_BATCH_IMAGES images (compiles, allocates; BentoML's batcher then never learns
+    from a slow first call)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -82,8 +105,40 @@ class Settings:
                 problems.append(
                     f"BENTOLORA_{name.upper()}_FILE={path!r} is not a readable, non-empty file"
                 )
+        problems.extend(self._speed_problems())
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _speed_problems(self) -> list[str]:
+        problems = []
+        if self.lora_mode not in LORA_MODES:
+            problems.append(
+                f"BENTOLORA_LORA_MODE={self.lora_mode!r} is not one of {', '.join(LORA_MODES)}"
+            )
+        elif self.lora_mode == "peft":
+            # peft's layers change the module tree at every adapter change, and the fused
+            # attention processor would bypass the LoRA on to_q/to_k/to_v.
+            for name, on in (("COMPILE", self.compile != "off"), ("FUSE_QKV", self.fuse_qkv)):
+                if on:
+                    problems.append(f"BENTOLORA_{name} needs BENTOLORA_LORA_MODE=fused")
+        try:
+            self.speed_options()
+        except ValueError as err:  # its messages start with the field's name
+            for problem in str(err).split("; "):
+                name, rest = re.match(r"([a-z_]+)(.*)", problem).groups()
+                problems.append(f"BENTOLORA_{name.upper()}{rest}")
+        return problems
+
+    def speed_options(self):
+        from models.pipeline_speed import SpeedOptions
+
+        return SpeedOptions(
+            compile=self.compile,
+            cuda_graphs=self.cuda_graphs,
+            channels_last=self.channels_last,
+            fuse_qkv=self.fuse_qkv,
+            compile_cache=self.compile_cache,
+        )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
