@@ -6,6 +6,7 @@ import base64
 import io
 import itertools
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -91,7 +92,8 @@ def baseline_rows(
     return rows, images
 
 
-def make_engine(device: str, batch: int):
+def make_engine(device: str, batch: int, speed: dict | None = None):
+    """The service's Engine on the benchmark store; `speed`: Settings fields (compile, …)."""
     from bench.fixtures import BASE, CLIP
     from service.engine import Engine
     from service.settings import Settings
@@ -103,6 +105,7 @@ def make_engine(device: str, batch: int):
         max_batch_images=batch,
         max_pixels=4096 * 4096,
         ui=False,
+        **(speed or {}),
     )
     started = time.perf_counter()
     engine = Engine(settings)
@@ -136,24 +139,30 @@ def decode_png(data: str) -> Image.Image:
 
 
 def engine_rows(
-    engine, adapters: list[str], work: Workload, device: str
+    engine, adapters: list[str], work: Workload, device: str, label: str = ""
 ) -> tuple[list[Row], dict[str, list]]:
     """The service's pipeline: without an adapter (batch 1 and batch), with one, and alternating
-    between two adapters call by call (the cost of switching)."""
+    between two adapters call by call (the cost of switching: the engine's own
+    `adapter_switch_s`, p50 in the row's extra)."""
     rows, images = [], {}
-    plans = [(f"engine, batch {n}", n, [None]) for n in sorted({1, work.batch})]
+    name = f"engine{label}"
+    plans = [(f"{name}, batch {n}", n, [None]) for n in sorted({1, work.batch})]
     if adapters:
-        plans.append((f"engine + LoRA, batch {work.batch}", work.batch, adapters[:1]))
+        plans.append((f"{name} + LoRA, batch {work.batch}", work.batch, adapters[:1]))
     if len(adapters) > 1:
-        plans.append((f"engine, LoRA switching a/b, batch {work.batch}", work.batch, adapters))
-    for name, n, cycle in plans:
+        plans.append((f"{name}, LoRA switching a/b, batch {work.batch}", work.batch, adapters))
+    for row_name, n, cycle in plans:
         calls = itertools.cycle(cycle)
+        switches: list[float] = []
 
-        def call(n=n, calls=calls):
-            engine.generate(engine_requests(work, n, next(calls)))
+        def call(n=n, calls=calls, switches=switches):
+            responses = engine.generate(engine_requests(work, n, next(calls)))
+            switches.append(responses[0].images[0].timings["adapter_switch_s"])
 
-        row = Row("serve", name)
+        row = Row("serve", row_name)
         measure_row(row, call, repeats=work.repeats, images_per_call=n, device=device)
+        if cycle != [None]:
+            row.extra["adapter_switch_s_p50"] = statistics.median(switches[1:] or switches)
         rows.append(row)
     images["plain"] = engine_images(engine, work, work.batch, None)
     if adapters:

@@ -49,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--peak-tflops", type=float, default=790.0, help="peak for the floor (H100 bf16)"
     )
+    p.add_argument(
+        "--speed",
+        help="the service's speed settings for the 'engine (…)' rows and the HTTP server, e.g. "
+        "compile=blocks,fuse_qkv,channels_last,cuda_graphs; 'none' for none (default: that "
+        "first list on cuda, none on cpu)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="results.json + .md here")
     p.add_argument("--skip-serve", action="store_true", help="no serving rows (in-process or HTTP)")
     p.add_argument("--skip-http", action="store_true", help="no HTTP rows")
@@ -66,7 +72,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if args.size % 8 or args.size < 64:
         p.error(f"--size {args.size}: a multiple of 8, at least 64")
+    if args.speed is None:
+        args.speed = "compile=blocks,fuse_qkv,channels_last" if args.device == "cuda" else "none"
+    try:
+        args.speed = parse_speed(args.speed)
+    except ValueError as err:
+        p.error(f"--speed: {err}")
     return args
+
+
+def parse_speed(text: str) -> dict:
+    """`compile=blocks,fuse_qkv` → {"compile": "blocks", "fuse_qkv": True}, checked by Settings."""
+    from service.settings import Settings
+
+    speed: dict = {}
+    for item in text.split(","):
+        key, _, value = item.strip().partition("=")
+        if key and key != "none":
+            speed[key] = value or True
+    Settings(**speed)  # unknown names raise TypeError, bad values ValueError
+    return speed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +128,11 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
         "guidance": args.guidance,
         "batch": args.batch,
         "peak_tflops": args.peak_tflops if device == "cuda" else None,
+        "speed": args.speed,
     }
+    speed = dict(args.speed)
+    if speed:  # compiled in process first, so the server starts with the compile cache warm
+        speed |= {"warmup": True, "compile_cache": str(home / "inductor-cache")}
     rows: list[Row] = []
     correctness: dict = {}
 
@@ -174,10 +203,25 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
             correctness["engine"] = pipelines.correctness(reference, images)
         _free()
         save()
+    if not args.skip_serve and speed:
+        with section("engine fast"):
+            engine, header["engine_fast_start_s"] = pipelines.make_engine(device, args.batch, speed)
+            label = f" ({engine.settings.speed_options().describe()})"
+            try:
+                fast_rows, images = pipelines.engine_rows(engine, adapters, work, device, label)
+            finally:
+                from service.registry import SERVED
+
+                SERVED.reload_adapters = None
+                del engine
+            _add(rows, fast_rows, flops, work)
+            correctness["engine" + label] = pipelines.correctness(reference, images)
+        _free()
+        save()
     if not args.skip_serve and not args.skip_http:
         with section("http"):
             proc, url, header["server_cold_start_s"] = server.start(
-                device, args.batch, args.out / "server.log", args.server_timeout
+                device, args.batch, args.out / "server.log", args.server_timeout, speed
             )
             try:
                 http = {
@@ -233,7 +277,11 @@ def _flops(pipe, args) -> dict[str, float]:
 
 
 def _batch_baseline(row, work) -> str:
-    """Batch-1 rows and one-at-a-time HTTP compare with eager batch 1; the rest with eager batch."""
+    """Batch-1 rows and one-at-a-time HTTP compare with eager batch 1; the engine's adapter rows
+    with the same engine without an adapter (the cost of serving one); the rest with eager."""
+    for marker in (" + LoRA,", ", LoRA switching a/b,"):
+        if row.name.startswith("engine") and marker in row.name:
+            return row.name.replace(marker, ",")
     single = row.name.endswith("batch 1") or row.extra.get("concurrency") == 1
     return f"diffusers eager, batch {1 if single else work.batch}"
 

@@ -32,8 +32,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(device: str, batch: int, log_path: Path, timeout_s: float) -> tuple:
-    """(process, url, seconds to ready) of `bentoml serve` on the benchmark store."""
+def start(
+    device: str, batch: int, log_path: Path, timeout_s: float, speed: dict | None = None
+) -> tuple:
+    """(process, url, seconds to ready) of `bentoml serve` on the benchmark store; `speed`:
+    Settings fields (compile, warmup, …) passed as BENTOLORA_* variables."""
     port = free_port()
     env = {
         **os.environ,
@@ -44,6 +47,8 @@ def start(device: str, batch: int, log_path: Path, timeout_s: float) -> tuple:
         "BENTOLORA_MAX_PIXELS": str(4096 * 4096),
         "BENTOLORA_UI": "0",
     }
+    for key, value in (speed or {}).items():
+        env[f"BENTOLORA_{key.upper()}"] = "1" if value is True else str(value)
     command = [sys.executable, "-m", "bentoml", "serve", "service.service:SDXLLoRA"]
     command += ["--host", "127.0.0.1", "--port", str(port)]
     started = time.perf_counter()

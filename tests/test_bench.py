@@ -21,6 +21,10 @@ ROWS = [
     "engine, batch 2",
     "engine + LoRA, batch 2",
     "engine, LoRA switching a/b, batch 2",
+    "engine (fuse_qkv, channels_last), batch 1",
+    "engine (fuse_qkv, channels_last), batch 2",
+    "engine (fuse_qkv, channels_last) + LoRA, batch 2",
+    "engine (fuse_qkv, channels_last), LoRA switching a/b, batch 2",
     "HTTP service, concurrency 1, 2 adapters mixed",
     "HTTP service, concurrency 2, 2 adapters mixed",
     "plain peft loop, r16, batch 2",
@@ -34,6 +38,8 @@ def test_bench_runs_on_cpu_with_the_tiny_model(tmp_path):
     command = [sys.executable, "-m", "bench.run", "--device", "cpu", "--size", "64"]
     command += ["--steps", "2", "--batch", "2", "--concurrency", "1,2", "--requests", "2"]
     command += ["--repeats", "1", "--train-steps", "1", "--out", str(out)]
+    # The speed options that need no compiler (compiling is tested in test_engine_speed).
+    command += ["--speed", "fuse_qkv,channels_last"]
     # About 40 s on 2 cores; the bound only stops a hang (a server that never gets ready).
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -48,10 +54,12 @@ def test_bench_runs_on_cpu_with_the_tiny_model(tmp_path):
         assert row["p95_s"] >= row["p50_s"]
         if row["baseline"]:
             assert row["ratio"] > 0
+        if "LoRA switching" in row["name"]:  # the engine's own time to change adapters
+            assert 0 < row["extra"]["adapter_switch_s_p50"] < 5
     assert results["flops"]["per_image"] > results["flops"]["unet_forward"] > 0
 
     # The service's images are the eager diffusers images, in process and over HTTP (PNG).
-    for path in ("engine", "http"):
+    for path in ("engine", "engine (fuse_qkv, channels_last)", "http"):
         for case in ("plain", "lora"):
             diff = results["correctness"][path][case]
             assert diff["max_abs_diff"] <= 2 and diff["psnr_db"] > 40, (path, case, diff)
