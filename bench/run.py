@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--speed",
         help="the service's speed settings for the 'engine (…)' rows and the HTTP server, e.g. "
-        "compile=blocks,fuse_qkv,channels_last,cuda_graphs; 'none' for none (default: that "
-        "first list on cuda, none on cpu)",
+        "compile=blocks,fuse_qkv,channels_last,cuda_graphs,encode_workers=8; none for none (default: "
+        "compile=blocks,fuse_qkv,channels_last,encode_workers=8 on cuda, none on cpu)",
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="results.json + .md here")
     p.add_argument("--skip-serve", action="store_true", help="no serving rows (in-process or HTTP)")
@@ -73,7 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.size % 8 or args.size < 64:
         p.error(f"--size {args.size}: a multiple of 8, at least 64")
     if args.speed is None:
-        args.speed = "compile=blocks,fuse_qkv,channels_last" if args.device == "cuda" else "none"
+        args.speed = (
+            "compile=blocks,fuse_qkv,channels_last,encode_workers=8"
+            if args.device == "cuda"
+            else "none"
+        )
     try:
         args.speed = parse_speed(args.speed)
     except ValueError as err:
@@ -82,16 +86,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_speed(text: str) -> dict:
-    """`compile=blocks,fuse_qkv` → {"compile": "blocks", "fuse_qkv": True}, checked by Settings."""
+    """`compile=blocks,fuse_qkv` → {"compile": "blocks", "fuse_qkv": True}, read and checked as
+    the service reads its BENTOLORA_* variables."""
+    from dataclasses import fields
+
     from service.settings import Settings
 
-    speed: dict = {}
+    raw: dict[str, str] = {}
     for item in text.split(","):
         key, _, value = item.strip().partition("=")
         if key and key != "none":
-            speed[key] = value or True
-    Settings(**speed)  # unknown names raise TypeError, bad values ValueError
-    return speed
+            raw[key] = value or "1"
+    known = {f.name for f in fields(Settings)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown settings {', '.join(unknown)}")
+    settings = Settings.from_env({f"BENTOLORA_{k.upper()}": v for k, v in raw.items()})
+    return {k: getattr(settings, k) for k in raw}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,19 @@ def read_factors(path: str | Path, pipe, *, tag: str, device: str | torch.device
     return LoraFactors(tag=tag, layers=layers)
 
 
+def check_mergeable(path: str | Path, *, tag: str) -> None:
+    """Raise AdapterError if the file's LoRA config is one `FusedLora` cannot merge (DoRA, LoRA
+    bias, ranks other than the config says). Reads the header and shapes, not the weights."""
+    configs = _header_configs(path)
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            if key.endswith(".lora_A.weight"):
+                component, _, rest = key.partition(".")
+                module = rest.removesuffix(".lora_A.weight")
+                rank = f.get_slice(key).get_shape()[0]
+                _scaling(configs.get(component), module, rank=rank, tag=tag)
+
+
 def _header_configs(path: str | Path) -> dict[str, dict]:
     """Per component, the peft LoraConfig diffusers wrote in the header (flattened as
     `unet.r`, `unet.lora_alpha`, …); empty when the file has none."""

@@ -14,20 +14,22 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from bentoml.exceptions import ServiceUnavailable
 
 from models import failpoints
-from models.adapter import AdapterError, list_adapters, verify_adapter
+from models.adapter import AdapterError, list_adapters, verify_adapter, weights_path
 from models.bases import get_base
 from models.clip import ClipScorer
 from models.loading import load_pipeline
+from models.lora_fusion import check_mergeable
 from models.pipeline_speed import speed_up
 from models.stages import is_production
 from service import metrics
 from service.adapter_cache import AdapterCache
-from service.images import encode
+from service.encoder import Encoded, Encoder
 from service.registry import SERVED
 from service.schedulers import make_scheduler
 from service.schemas import (
@@ -74,6 +76,8 @@ class Engine:
             self.pipe, self.base, mode=settings.lora_mode, device=self.device
         )
         self.scorer = ClipScorer.from_store(settings.clip, device=self.device)
+        self.encoder = Encoder(settings.encode_workers)
+        self.encoder.start()
         self._lock = threading.Lock()  # one pipeline, one batch at a time
         self.refresh_adapters()
         SERVED.reload_adapters = self.reload_adapters
@@ -145,6 +149,8 @@ class Engine:
                 verify_adapter(
                     entry, self.pipe, self.base, max_bytes=self.settings.max_adapter_bytes
                 )
+                if self.settings.lora_mode == "fused":
+                    check_mergeable(weights_path(entry), tag=entry.tag)
             except AdapterError as err:
                 log.warning("refusing adapter %s: %s", entry.tag, err)
                 refused.setdefault(name, str(err))
@@ -167,7 +173,7 @@ class Engine:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
             groups[group_key(request)].append(index)
-        results: list[list[GeneratedImage]] = [[] for _ in requests]
+        results: list[list[Pending]] = [[] for _ in requests]
         started = time.perf_counter()
         for indices in groups.values():
             jobs = [(i, k) for i in indices for k in range(requests[i].num_images)]
@@ -180,8 +186,10 @@ class Engine:
                     chunk, self._run_fitting(requests, seeds, chunk, len(requests)), strict=True
                 ):
                     results[i].append(image)
+        # Encoding ran beside the later groups' pipeline calls; collected last.
+        responses = [GenerateResponse(images=[p.finish() for p in images]) for images in results]
         SERVED.record_batch("/generate", time.perf_counter() - started, len(requests))
-        return [GenerateResponse(images=images) for images in results]
+        return responses
 
     def _live(self, requests, chunk: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The jobs whose request is still within its deadline. A request past it has already
@@ -194,7 +202,7 @@ class Engine:
             log.warning("dropping %d requests past their %d s deadline", len(late), deadline)
         return [(i, k) for i, k in chunk if i not in late]
 
-    def _run_fitting(self, requests, seeds, chunk, batch_requests: int) -> list[GeneratedImage]:
+    def _run_fitting(self, requests, seeds, chunk, batch_requests: int) -> list[Pending]:
         """`_run`, halving the batch when the GPU runs out of memory; a single image that does
         not fit is answered 503. An unrecoverable device error marks the server broken (then
         /livez fails and the orchestrator restarts it)."""
@@ -228,7 +236,7 @@ class Engine:
                 SERVED.mark_unavailable(f"the GPU failed ({SERVED.broken}); restarting")
             ) from None
 
-    def _run(self, requests, seeds, chunk, batch_requests: int) -> list[GeneratedImage]:
+    def _run(self, requests, seeds, chunk, batch_requests: int) -> list[Pending]:
         first = requests[chunk[0][0]]
         image_seeds = [(seeds[i] + k) % (MAX_SEED + 1) for i, k in chunk]
         choices = [(SERVED.adapters[a.name], a.scale) for a in first.adapters]
@@ -259,32 +267,23 @@ class Engine:
             AdapterUsed(name=e.name.removeprefix("lora-"), version=e.version, scale=s)
             for e, s in choices
         ]
-        out = []
-        for (i, _), image, seed in zip(chunk, images, image_seeds, strict=True):
-            request = requests[i]
-            t0 = time.perf_counter()
-            data = encode(image, request.output_format)
-            settings = request.model_dump(exclude={"adapters"}) | {
-                "seed": seed,
-                "base": self.base.tag,
-            }
-            out.append(
-                GeneratedImage(
-                    image=data,
-                    format=request.output_format,
-                    seed=seed,
-                    adapters=used,
-                    settings=settings,
-                    timings={
-                        "pipeline_s": round(compute, 4),
-                        "adapter_switch_s": round(switch, 4),
-                        "encode_s": round(time.perf_counter() - t0, 4),
-                        "batch_images": len(chunk),
-                        "batch_requests": batch_requests,
-                    },
-                )
+        timings = {
+            "pipeline_s": round(compute, 4),
+            "adapter_switch_s": round(switch, 4),
+            "batch_images": len(chunk),
+            "batch_requests": batch_requests,
+        }
+        return [
+            Pending(
+                request=requests[i],
+                seed=seed,
+                adapters=used,
+                base=self.base.tag,
+                encoded=self.encoder.submit(image, requests[i].output_format),
+                timings=timings,
             )
-        return out
+            for (i, _), image, seed in zip(chunk, images, image_seeds, strict=True)
+        ]
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResponse]:
         """All images of all requests through CLIP together, then split per request."""
@@ -311,6 +310,33 @@ class Engine:
             i0 += len(request.images)
             t0 += len(request.texts)
         return out
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An image generated and being encoded (see service.encoder)."""
+
+    request: GenerateRequest
+    seed: int
+    adapters: list[AdapterUsed]
+    base: str
+    encoded: Encoded
+    timings: dict
+
+    def finish(self) -> GeneratedImage:
+        data, encode_s = self.encoded.result()
+        settings = self.request.model_dump(exclude={"adapters"}) | {
+            "seed": self.seed,
+            "base": self.base,
+        }
+        return GeneratedImage(
+            image=data,
+            format=self.request.output_format,
+            seed=self.seed,
+            adapters=self.adapters,
+            settings=settings,
+            timings=self.timings | {"encode_s": round(encode_s, 4)},
+        )
 
 
 def _report_progress(pipe, step: int, timestep, callback_kwargs: dict) -> dict:

@@ -70,6 +70,9 @@ class Settings:
     compile_cache: str = ""
     """BENTOLORA_COMPILE_CACHE: folder for compiled kernels (a persistent volume makes restarts
     skip compiling); empty: torch's default under /tmp."""
+    encode_workers: int = 0
+    """BENTOLORA_ENCODE_WORKERS: processes that encode generated images (PNG encoding holds
+    Python's GIL, ~0.15 s a 1024² image, stalling the GPU's next call); 0 encodes inline."""
     warmup: bool = False
     """BENTOLORA_WARMUP: before reporting ready, run the pipeline at the base's size with 1 and
     BENTOLORA_MAX_BATCH_IMAGES images (compiles, allocates; BentoML's batcher then never learns
@@ -81,6 +84,8 @@ class Settings:
             problems.append(f"BENTOLORA_DTYPE={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"BENTOLORA_DEVICE={self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.encode_workers < 0:
+            problems.append(f"BENTOLORA_ENCODE_WORKERS={self.encode_workers} must be at least 0")
         for name in (
             "max_batch_images",
             "max_pixels",

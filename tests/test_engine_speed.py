@@ -90,7 +90,7 @@ def test_compiled_blocks_switch_adapters_without_recompiling(store, eager):
 
 
 def test_fused_and_peft_lora_give_the_same_images(store, eager):
-    fused = engine()  # the default: fused
+    fused = engine(encode_workers=2)  # the default LoRA mode: fused
     assert fused.adapters.mode == "fused"
     for name in ("speed-a", None, "speed-b"):
         assert np.abs(pixels(fused, name) - eager[name]).max() <= 2, name
@@ -98,6 +98,8 @@ def test_fused_and_peft_lora_give_the_same_images(store, eager):
     assert response.images[0].timings["adapter_switch_s"] == 0  # same adapter as the last call
     [response] = fused.generate(requests("speed-a", n=1))
     assert response.images[0].timings["adapter_switch_s"] > 0
+    assert response.images[0].timings["encode_s"] > 0  # measured in the worker
+    fused.encoder.close()
 
 
 def test_speed_options_are_checked_together():
@@ -112,3 +114,36 @@ def test_speed_options_are_checked_together():
         Settings.from_env({"BENTOLORA_COMPILE": "fast"})
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         engine(compile="blocks", cuda_graphs=True)
+
+
+@pytest.mark.slow
+def test_served_with_encoder_processes_and_none_outlive_the_server(store, eager, tmp_path):
+    """The service over HTTP with BENTOLORA_ENCODE_WORKERS: same images; stopping the server
+    stops its encoder processes too."""
+    import psutil
+    from service_helpers import pixels as decoded
+    from service_helpers import server_env, start_server, stop_server
+
+    from service.client import Client
+
+    env = server_env() | {"BENTOLORA_ENCODE_WORKERS": "2", "BENTOLORA_UI": "0"}
+    proc, url = start_server(env, tmp_path / "server.log")
+    try:
+        with Client(url, timeout=120) as client:
+            for name in ("speed-a", None):
+                got = client.generate(
+                    "a red circle 0",
+                    width=64,
+                    height=64,
+                    steps=3,
+                    seed=100,
+                    adapters={name: 0.8} if name else {},
+                )
+                assert np.abs(decoded(got[0].image) - eager[name][0]).max() <= 2
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        encoders = [p for p in tree if "multiprocessing" in " ".join(p.cmdline())]
+        assert encoders  # the workers (and multiprocessing's resource tracker)
+    finally:
+        stop_server(proc)
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]

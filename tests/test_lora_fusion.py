@@ -10,7 +10,7 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
 from models.adapter import AdapterError, AdapterInfo, save_adapter, weights_path
-from models.lora_fusion import FusedLora, read_factors, weight_of
+from models.lora_fusion import FusedLora, check_mergeable, read_factors, weight_of
 from models.pipeline_speed import SpeedOptions, speed_up
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_in", "proj_in")
@@ -202,6 +202,8 @@ def test_adapters_that_cannot_be_merged_are_refused(tiny_base, adapters, tmp_pat
     )
     with pytest.raises(AdapterError, match="use_dora cannot be merged.*BENTOLORA_LORA_MODE=peft"):
         read_factors(dora, pipe, tag="dora", device="cpu")
+    with pytest.raises(AdapterError, match="use_dora cannot be merged"):
+        check_mergeable(dora, tag="dora")  # what the server checks before it lists an adapter
     wrong_rank = tmp_path / "rank.safetensors"
     save_file(
         tensors,
@@ -210,6 +212,9 @@ def test_adapters_that_cannot_be_merged_are_refused(tiny_base, adapters, tmp_pat
     )
     with pytest.raises(AdapterError, match=r"has rank \d but its config says 8"):
         read_factors(wrong_rank, pipe, tag="rank", device="cpu")
+    with pytest.raises(AdapterError, match=r"has rank \d but its config says 8"):
+        check_mergeable(wrong_rank, tag="rank")
+    check_mergeable(path, tag="good")
     half = tmp_path / "half.safetensors"
     save_file({k: v for k, v in tensors.items() if "lora_B" not in k or "conv_in" not in k}, half)
     with pytest.raises(AdapterError, match="conv_in lacks its lora_A or lora_B"):
