@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 
 from models.adapter import AdapterError, check_fits, load_adapter_weights
@@ -111,15 +111,19 @@ def _scaling(config: dict | None, module: str, *, rank: int, tag: str) -> float:
             f"{tag}: {', '.join(unsupported)} cannot be merged into the weights; serve it with "
             "BENTOLORA_LORA_MODE=peft"
         )
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", rank))
-    alpha = alpha_pattern.get(
-        get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", r)
-    )
+    r = _by_pattern(config.get("rank_pattern"), module, config.get("r", rank))
+    alpha = _by_pattern(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
     if r != rank:
         raise AdapterError(f"{tag}: {module} has rank {rank} but its config says {r}")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _by_pattern(patterns: dict | None, module: str, default):
+    """peft's rule: the first pattern that matches the end of the module's name (at a dot)."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
 
 
 class FusedLora:
