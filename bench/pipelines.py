@@ -170,6 +170,19 @@ def engine_rows(
     return rows, images
 
 
+def profile_engine(engine, adapters: list[str], work: Workload, device: str, out, label: str):
+    """One batch with an adapter under torch.profiler (bench.profile): where the time goes."""
+    from bench.profile import profile_call
+
+    adapter = adapters[0] if adapters else None
+    return profile_call(
+        lambda: engine.generate(engine_requests(work, work.batch, adapter)),
+        device,
+        out,
+        f"engine{label} + LoRA, batch {work.batch}",
+    )
+
+
 def correctness(reference: dict[str, list], candidate: dict[str, list]) -> dict[str, dict]:
     """Per case (plain, lora): the candidate's images against the eager baseline's, same seeds."""
     return {

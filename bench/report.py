@@ -79,14 +79,24 @@ def correctness_table(correctness: dict[str, dict[str, dict[str, float]]]) -> st
     return "\n".join(lines)
 
 
+def profile_summary(profiles: list[dict]) -> str:
+    """One line per profiled call: its self time by kind of operator."""
+    return "\n".join(
+        f"- profile of {p['profiled']} ({p['time_kind']}, {p['total_s']:.3g} s): "
+        + ", ".join(f"{kind} {share:.0%}" for kind, share in p["share"].items())
+        for p in profiles
+    )
+
+
 def write(out: Path, header: dict[str, Any], rows: list[Row], correctness: dict) -> str:
     """Write results.json and results.md into `out`; returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     markdown = "\n\n".join(
         [
-            "\n".join(f"- {k}: {v}" for k, v in header.items() if k != "flops"),
+            "\n".join(f"- {k}: {v}" for k, v in header.items() if k not in ("flops", "profiles")),
             table(rows, header.get("peak_tflops")),
             correctness_table(correctness) if correctness else "",
+            profile_summary(header.get("profiles", [])),
         ]
     )
     data = {**header, "rows": [r.to_dict() for r in rows], "correctness": correctness}

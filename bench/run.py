@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-serve", action="store_true", help="no serving rows (in-process or HTTP)")
     p.add_argument("--skip-http", action="store_true", help="no HTTP rows")
     p.add_argument("--skip-train", action="store_true", help="no training rows")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one engine call with an adapter per engine section (profile-*.txt)",
+    )
     p.add_argument("--server-timeout", type=float, default=600.0, help="seconds to /readyz")
     p.add_argument("--keep-store", action="store_true", help="keep the temporary store")
     args = p.parse_args(argv)
@@ -199,36 +204,30 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
                 }
     del pipe
     _free()
-    if not args.skip_serve:
+    engines = [("engine", "engine_start_s", {})]
+    if speed:
+        engines.append(("engine fast", "engine_fast_start_s", speed))
+    for section_name, start_key, settings in [] if args.skip_serve else engines:
         save()
-        with section("engine"):
-            engine, header["engine_start_s"] = pipelines.make_engine(device, args.batch)
+        with section(section_name):
+            engine, header[start_key] = pipelines.make_engine(device, args.batch, settings)
+            described = engine.settings.speed_options().describe()
+            label = f" ({described})" if settings else ""
             try:
-                engine_rows, images = pipelines.engine_rows(engine, adapters, work, device)
+                engine_rows, images = pipelines.engine_rows(engine, adapters, work, device, label)
+                if args.profile:
+                    header.setdefault("profiles", []).append(
+                        pipelines.profile_engine(engine, adapters, work, device, args.out, label)
+                    )
             finally:
                 from service.registry import SERVED
 
                 SERVED.reload_adapters = None  # it holds the engine
                 del engine
             _add(rows, engine_rows, flops, work)
-            correctness["engine"] = pipelines.correctness(reference, images)
-        _free()
-        save()
-    if not args.skip_serve and speed:
-        with section("engine fast"):
-            engine, header["engine_fast_start_s"] = pipelines.make_engine(device, args.batch, speed)
-            label = f" ({engine.settings.speed_options().describe()})"
-            try:
-                fast_rows, images = pipelines.engine_rows(engine, adapters, work, device, label)
-            finally:
-                from service.registry import SERVED
-
-                SERVED.reload_adapters = None
-                del engine
-            _add(rows, fast_rows, flops, work)
             correctness["engine" + label] = pipelines.correctness(reference, images)
         _free()
-        save()
+    save()
     if not args.skip_serve and not args.skip_http:
         with section("http"):
             proc, url, header["server_cold_start_s"] = server.start(

@@ -39,7 +39,7 @@ def test_bench_runs_on_cpu_with_the_tiny_model(tmp_path):
     command += ["--steps", "2", "--batch", "2", "--concurrency", "1,2", "--requests", "2"]
     command += ["--repeats", "1", "--train-steps", "1", "--out", str(out)]
     # The speed options that need no compiler (compiling is tested in test_engine_speed).
-    command += ["--speed", "fuse_qkv,channels_last"]
+    command += ["--speed", "fuse_qkv,channels_last", "--profile"]
     # About 40 s on 2 cores; the bound only stops a hang (a server that never gets ready).
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -66,6 +66,17 @@ def test_bench_runs_on_cpu_with_the_tiny_model(tmp_path):
 
     # ...while the adapter itself changes the image far more than that.
     assert results["correctness"]["diffusers"]["lora vs no lora"]["max_abs_diff"] > 5
+
+    # Where the time goes, per engine: the profile's shares add up, its table is written.
+    profiles = results["profiles"]
+    assert [p["profiled"] for p in profiles] == [
+        "engine + LoRA, batch 2",
+        "engine (fuse_qkv, channels_last) + LoRA, batch 2",
+    ]
+    for profiled in profiles:
+        assert abs(sum(profiled["share"].values()) - 1) < 0.01
+        assert profiled["share"]["matmul"] > 0 and profiled["top"]
+    assert len(list(out.glob("profile-*.txt"))) == 2
 
     table = (out / "results.md").read_text()
     assert all(name in table for name in ROWS)
