@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,16 +17,9 @@ import torch
 from bench.fixtures import BASE, CLIP
 from bench.measure import Row, percentile
 from bench.pipelines import PROMPT, SEED, Workload, decode_png
+from service import launch
 
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(
@@ -37,7 +27,6 @@ def start(
 ) -> tuple:
     """(process, url, seconds to ready) of `bentoml serve` on the benchmark store; `speed`:
     Settings fields (compile, warmup, …) passed as BENTOLORA_* variables."""
-    port = free_port()
     env = {
         **os.environ,
         "BENTOLORA_BASE": BASE,
@@ -49,32 +38,10 @@ def start(
     }
     for key, value in (speed or {}).items():
         env[f"BENTOLORA_{key.upper()}"] = "1" if value is True else str(value)
-    command = [sys.executable, "-m", "bentoml", "serve", "service.service:SDXLLoRA"]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    started = time.perf_counter()
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    while time.perf_counter() - started < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url, time.perf_counter() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    stop(proc)
-    raise RuntimeError(f"server not ready in {timeout_s:.0f} s: {log_path.read_text()[-3000:]}")
+    return launch.start(env, log_path, timeout_s)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+stop = launch.stop
 
 
 class MemorySampler:
