@@ -111,29 +111,16 @@ def measure_row(
     return row
 
 
-@torch.no_grad()
 def image_flops(pipe, *, size: int, steps: int, guidance: float) -> dict[str, float]:
-    """FLOPs of one image: a UNet forward (batch 1) × steps × 2 with CFG, plus one VAE decode."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one image: a UNet forward (batch 1) × steps × 2 with CFG, plus one VAE decode.
 
-    unet, vae = pipe.unet, pipe.vae
-    device, dtype = unet.device, unet.dtype
+    Counted by models.flops on shape-only copies, so the figure is the same on every device.
+    """
+    from models.flops import unet_forward_flops, vae_decode_flops
+
     latent = size // pipe.vae_scale_factor
-    sample = torch.randn(1, unet.config.in_channels, latent, latent, device=device, dtype=dtype)
-    text = torch.randn(1, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
-    pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * (
-        unet.config.addition_time_embed_dim
-    )
-    added = {
-        "text_embeds": torch.randn(1, pooled_dim, device=device, dtype=dtype),
-        "time_ids": torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=dtype),
-    }
-    with FlopCounterMode(display=False) as counter:
-        unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added)
-    unet_flops = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        vae.decode(sample.to(vae.dtype))
-    decode_flops = counter.get_total_flops()
+    unet_flops = unet_forward_flops(pipe.unet, batch=1, height=latent, width=latent)
+    decode_flops = vae_decode_flops(pipe.vae, batch=1, height=latent, width=latent)
     passes = 2 if guidance > 1 else 1
     return {
         "unet_forward": float(unet_flops),
