@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("auto", "adamw", "adamw8bit")
 CROPS = ("center", "random")
 ATTENTION = ("sdpa", "xformers")
+COMPILE = ("off", "blocks", "unet")
+CHECKPOINT_BLOCK = re.compile(r"all|mid_block|(down|up)_blocks(\.\d+)?")
+"""A checkpoint_blocks entry: a UNet block's module name, one side of the UNet, or all."""
 
 
 class ConfigError(ValueError):
@@ -123,7 +127,19 @@ class TrainConfig:
     mixed_precision: str = "no"
     """no, fp16 or bf16: frozen weights in that dtype, LoRA weights and optimizer in float32."""
     gradient_checkpointing: bool = False
-    """Recompute UNet activations in the backward pass: less memory, about 30% slower."""
+    """Recompute UNet activations in the backward pass: less memory, about 30% slower (with all
+    blocks; checkpoint_blocks picks which)."""
+    checkpoint_blocks: tuple[str, ...] = ("all",)
+    """With gradient_checkpointing, the UNet blocks that recompute, by diffusers module name:
+    down_blocks.N, mid_block, up_blocks.N, a whole side (down_blocks, up_blocks) or all. The
+    others keep their activations: memory between none and all, less recompute. The up blocks
+    (three layers per level to the down blocks' two) hold the most activations."""
+    compile: str = "off"
+    """torch.compile the UNet for training: off; blocks (regional: each transformer and ResNet
+    block, each kind compiled once per shape); unet (the whole UNet, longer to compile). The first
+    steps are slow while it compiles; validation runs eager. Kernels are cached in
+    TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_<user>): set it to a kept folder to reuse
+    them across runs."""
     attention: str = "sdpa"
     """Attention backend: sdpa (PyTorch's) or xformers (optional extra, GPU only)."""
     seed: int = 0
@@ -202,6 +218,7 @@ class TrainConfig:
             ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("attention", self.attention, ATTENTION),
+            ("compile", self.compile, COMPILE),
             ("prediction_type", self.prediction_type, ("",) + PREDICTION_TYPES),
         ):
             if value not in allowed:
@@ -237,6 +254,16 @@ class TrainConfig:
                 yield f"{key}: {getattr(self, key)} must be 0 or more"
         if not self.target_modules:
             yield "target_modules: at least one layer name"
+        if not self.checkpoint_blocks:
+            yield "checkpoint_blocks: at least one block (or all)"
+        bad = [b for b in self.checkpoint_blocks if not CHECKPOINT_BLOCK.fullmatch(b)]
+        if bad:
+            yield (
+                f"checkpoint_blocks: {', '.join(repr(b) for b in bad)} not understood; use "
+                "down_blocks.N, mid_block, up_blocks.N, down_blocks, up_blocks or all"
+            )
+        elif self.checkpoint_blocks != ("all",) and not self.gradient_checkpointing:
+            yield "checkpoint_blocks: needs gradient_checkpointing: true"
         if self.checkpoint_every and self.keep_checkpoints < 2:
             yield f"keep_checkpoints: {self.keep_checkpoints} must be at least 2 (a crash mid-write must leave one)"
 
@@ -276,8 +303,14 @@ RUNTIME_ONLY = (
     "output_dir",
     "cache_dir",
     "validation_clip",
+    "checkpoint_blocks",
+    "compile",
 )
-"""Fields that do not change what a run computes: a resumed run may differ in these."""
+"""Fields that do not change what a run computes: a resumed run may differ in these.
+
+checkpoint_blocks and compile change speed, memory and float rounding, not the
+result. (So would gradient_checkpointing; it stays in the fingerprint so that checkpoints written
+before these fields existed still resume.)"""
 
 
 def field_names() -> list[str]:

@@ -36,6 +36,7 @@ from train.optim import make_lr_schedule, make_optimizer
 from train.preprocess import Bucket, choose_bucket, make_buckets
 from train.report import write_report
 from train.schedule import BatchSchedule
+from train.speed import compile_unet, eager, enable_checkpointing
 from train.step import denoising_loss
 from train.validation import fixed_noise_loss, render_images
 
@@ -192,9 +193,11 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
     pipe.unet.to(device, weight_dtype)
     lora_config = add_lora(pipe, config)
     if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        blocks = enable_checkpointing(pipe.unet, config.checkpoint_blocks)
+        log.info("gradient checkpointing in %s", ", ".join(blocks))
     if config.attention == "xformers":
         pipe.unet.enable_xformers_memory_efficient_attention()
+    compile_unet(pipe.unet, config.compile)  # last: it traces the LoRA layers and flags above
     modules = {name: getattr(pipe, name) for name in lora_config}
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     total_steps = config.total_steps(len(examples), world)
@@ -222,15 +225,16 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
     ]
 
     def validation_loss() -> float:
-        return fixed_noise_loss(
-            pipe,
-            pipe.unet,
-            noise_scheduler,
-            val_batches,
-            prediction_type=prediction_type,
-            device=device,
-            dtype=weight_dtype,
-        )
+        with eager():
+            return fixed_noise_loss(
+                pipe,
+                pipe.unet,
+                noise_scheduler,
+                val_batches,
+                prediction_type=prediction_type,
+                device=device,
+                dtype=weight_dtype,
+            )
 
     scorer = (
         ClipScorer.from_store(config.validation_clip, device=device)
@@ -243,15 +247,16 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
             return
         for module in offload:
             module.to(device)
-        paths = render_images(
-            pipe,
-            config.validation_prompts,
-            run_dir / "validation" / f"step-{step:08d}",
-            size=config.resolution,
-            steps=config.validation_inference_steps,
-            guidance=config.validation_guidance,
-            device=device,
-        )
+        with eager():
+            paths = render_images(
+                pipe,
+                config.validation_prompts,
+                run_dir / "validation" / f"step-{step:08d}",
+                size=config.resolution,
+                steps=config.validation_inference_steps,
+                guidance=config.validation_guidance,
+                device=device,
+            )
         for module in offload:
             module.to("cpu")
         if scorer is not None and metrics is not None:
