@@ -1,13 +1,14 @@
-"""Training speed options: selective gradient checkpointing and torch.compile. Each test fails
-without the feature it names."""
+"""Training speed options: selective gradient checkpointing, torch.compile, FLOP counting and
+TFLOP/s / MFU in the metrics. Each test fails without the feature it names."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from safetensors import safe_open
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from models.flops import unet_inputs
+from models.flops import count_flops, unet_forward_flops, unet_inputs, unet_training_flops
 from train.checkpoint import checkpoints_dir
 from train.config import RUNTIME_ONLY, ConfigError, TrainConfig
 from train.loop import train
@@ -75,11 +76,13 @@ def test_bad_speed_options_are_reported_together():
             compile="fast",
             gradient_checkpointing=True,
             checkpoint_blocks=("up_blocks.0", "left_blocks", "mid_block.1"),
+            peak_tflops=-1.0,
         )
     message = str(err.value)
     assert isinstance(err.value, ValueError)
     assert "compile: 'fast' is not one of 'off', 'blocks', 'unet'" in message
     assert "checkpoint_blocks: 'left_blocks', 'mid_block.1' not understood" in message
+    assert "peak_tflops: -1.0" in message
 
     with pytest.raises(ConfigError, match="checkpoint_blocks: needs gradient_checkpointing: true"):
         TrainConfig(data_dir="d", name="n", checkpoint_blocks=("up_blocks",))
@@ -89,9 +92,12 @@ def test_bad_speed_options_are_reported_together():
 
 def test_defaults_keep_the_old_behaviour():
     config = TrainConfig(data_dir="d", name="n")
-    assert (config.compile, config.checkpoint_blocks) == ("off", ("all",))
+    assert (config.compile, config.checkpoint_blocks, config.peak_tflops) == ("off", ("all",), 0.0)
     # Speed options are runtime options: a run may resume with other ones.
-    faster = config.replace(compile="blocks")
+    faster = config.replace(
+        compile="blocks",
+        peak_tflops=989.0,
+    )
     assert faster.fingerprint(exclude=RUNTIME_ONLY) == config.fingerprint(exclude=RUNTIME_ONLY)
 
 
@@ -103,10 +109,10 @@ def test_speed_options_from_the_command_line():
     recipe = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
     config = config_from_args(
         ["--config", str(recipe), "--gradient-checkpointing", "--checkpoint-blocks"]
-        + ["up_blocks.0,mid_block", "--compile", "blocks"]
+        + ["up_blocks.0,mid_block", "--compile", "blocks", "--peak-tflops", "989"]
     )
     assert config.checkpoint_blocks == ("up_blocks.0", "mid_block")
-    assert config.compile == "blocks"
+    assert (config.compile, config.peak_tflops) == ("blocks", 989.0)
 
 
 # --- selective gradient checkpointing
@@ -185,6 +191,45 @@ def test_checkpointing_gives_the_same_loss_and_gradients():
         assert loss_ckpt == loss, blocks
         for name, grad in grads.items():
             torch.testing.assert_close(grads_ckpt[name], grad, rtol=0, atol=1e-7, msg=name)
+
+
+# --- FLOPs
+
+
+def test_training_flops_count_what_autograd_runs():
+    """The meta-device count equals the count of a real forward and backward pass (attention as
+    matrix products, which the CPU has no FLOP formula for in its flash kernel)."""
+    unet = tiny_unet_with_lora()
+    counted = unet_training_flops(unet, batch=2, height=8, width=8)
+    inputs = unet_inputs(unet, batch=2, height=8, width=8)
+    with sdpa_kernel(SDPBackend.MATH):
+        outputs = []
+        forward = count_flops(lambda: outputs.append(unet(**inputs, return_dict=False)[0]))
+        backward = count_flops(lambda: outputs[0].square().mean().backward())
+    assert (counted["forward"], counted["backward"]) == (forward, backward)
+    assert counted["step"] == forward + backward
+    # Frozen weights get no weight gradients: the backward pass costs about one forward.
+    assert 0.7 * forward < backward < 1.5 * forward
+    assert unet_forward_flops(unet, batch=2, height=8, width=8) == forward
+
+
+def test_metrics_carry_tflops_and_mfu(tiny_base, sample_dir, tmp_path):
+    config = config_for(sample_dir, tmp_path, name="tflops", peak_tflops=0.001)
+    result = train(config)
+    records = read_metrics(result.run_dir)
+    flops = [r["flops_per_step"] for r in records if "flops_per_step" in r]
+    assert len(flops) == 1 and flops[0] > 0
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["tflops"] > 0
+        assert r["tflops"] == pytest.approx(flops[0] * r["it_s"] / 1e12)
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.001)
+
+    # Without a peak, no MFU.
+    plain = train(config.replace(name="tflops-nopeak", peak_tflops=0.0, max_steps=1))
+    record = [r for r in read_metrics(plain.run_dir) if "loss" in r][0]
+    assert record["tflops"] > 0 and "mfu" not in record
 
 
 # --- torch.compile

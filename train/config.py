@@ -167,6 +167,9 @@ class TrainConfig:
     """Examples in the fixed-noise validation loss (the same noise and timesteps every time)."""
     log_every: int = 1
     """Write a metrics line every N optimizer steps."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device at the training precision (989 for an H100 SXM in bf16):
+    the log then shows MFU, achieved TFLOP/s over this. 0: TFLOP/s only."""
     tensorboard: bool = True
     """Also log to TensorBoard when it is installed."""
     store: bool = True
@@ -264,6 +267,8 @@ class TrainConfig:
             )
         elif self.checkpoint_blocks != ("all",) and not self.gradient_checkpointing:
             yield "checkpoint_blocks: needs gradient_checkpointing: true"
+        if not self.peak_tflops >= 0:
+            yield f"peak_tflops: {self.peak_tflops} must be 0 (unknown) or more"
         if self.checkpoint_every and self.keep_checkpoints < 2:
             yield f"keep_checkpoints: {self.keep_checkpoints} must be at least 2 (a crash mid-write must leave one)"
 
@@ -305,10 +310,11 @@ RUNTIME_ONLY = (
     "validation_clip",
     "checkpoint_blocks",
     "compile",
+    "peak_tflops",
 )
 """Fields that do not change what a run computes: a resumed run may differ in these.
 
-checkpoint_blocks and compile change speed, memory and float rounding, not the
+checkpoint_blocks, compile and peak_tflops change speed, memory and float rounding, not the
 result. (So would gradient_checkpointing; it stays in the fingerprint so that checkpoints written
 before these fields existed still resume.)"""
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from models.adapter import WEIGHTS_NAME, AdapterError, AdapterInfo, check_finite, save_adapter
 from models.bases import get_base
 from models.clip import ClipScorer
+from models.flops import unet_training_flops
 from models.loading import load_pipeline
 from models.store import StoreError
 from train.cache import ExampleCache, cache_key
@@ -299,6 +300,26 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
         render(0)  # the base's images, for the report to compare against
         if metrics is not None:
             metrics.write({"step": 0, "validation_loss": base_val_loss})  # the base's, too
+    # FLOPs of one optimizer step on this process, for TFLOP/s and MFU: counted once, at the
+    # first batch's shape (buckets differ in shape but hold about the same number of pixels).
+    first = schedule.batch(start_step * accum * world + rank)[1]
+    bucket = bucket_of[first[0]]
+    flops = unet_training_flops(
+        pipe.unet,
+        batch=len(first),
+        height=bucket.height // pipe.vae_scale_factor,
+        width=bucket.width // pipe.vae_scale_factor,
+        text_tokens=pipe.tokenizer.model_max_length,
+    )
+    step_flops = flops["step"] * accum
+    log.info(
+        "%.3g TFLOP per optimizer step (UNet forward %.3g + backward %.3g per micro-batch)",
+        step_flops / 1e12,
+        flops["forward"] / 1e12,
+        flops["backward"] / 1e12,
+    )
+    if metrics is not None and start_step == 0:  # a resumed log keeps the first run's
+        metrics.write({"step": 0, "flops_per_step": step_flops})
     loss_value = float("nan")
     tick = time.time()
 
@@ -350,12 +371,20 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        now = time.time()
-        it_s = 1.0 / max(now - tick, 1e-9)
-        tick = now
+        it_s = 1.0 / max(time.time() - tick, 1e-9)
+        tflops = step_flops * it_s / 1e12
+        speed = {"tflops": tflops}
+        if config.peak_tflops:
+            speed["mfu"] = tflops / config.peak_tflops
         lr = lr_schedule.get_last_lr()[0]
         progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", it_s=f"{it_s:.2f}")
+        progress.set_postfix(
+            loss=f"{loss_value:.4f}",
+            lr=f"{lr:.2e}",
+            it_s=f"{it_s:.2f}",
+            tflops=f"{tflops:.3g}",
+            **({"mfu": f"{speed['mfu']:.1%}"} if "mfu" in speed else {}),
+        )
         if metrics is not None and (done % config.log_every == 0 or done == total_steps):
             metrics.write(
                 {
@@ -366,6 +395,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
                     "grad_norm": grad_norm,
                     "it_s": it_s,
                     "images_s": it_s * images_per_step,
+                    **speed,
                     "peak_memory_gb": peak_memory_gb(device),
                 }
             )
@@ -391,6 +421,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read to
             if metrics is not None:
                 metrics.write({"step": done, "validation_loss": val})
             render(done)
+        tick = time.time()  # a step's time is its own: not the checkpoint or validation after it
     progress.close()
 
     # --- the end: validate, then store the adapter
