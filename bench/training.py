@@ -105,10 +105,21 @@ def plain_loop(base: StoreEntry, work: TrainWork, device: str) -> Row:
     )
 
 
-def project_train(base: StoreEntry, work: TrainWork, device: str, tmp: Path) -> Row:
+def project_train(
+    base: StoreEntry,
+    work: TrainWork,
+    device: str,
+    tmp: Path,
+    *,
+    compile: str = "off",
+    checkpoint_blocks: tuple[str, ...] = (),
+) -> Row:
     """`train.loop.train` on the generated sample dataset, the same batch, size and rank.
 
-    Step times are the trainer's own (`images_s` in metrics.jsonl), past the warm-up steps.
+    `compile` and `checkpoint_blocks` (empty: no gradient checkpointing) are the trainer's
+    options of those names. Step times are the trainer's own (`images_s` in metrics.jsonl), past
+    the warm-up steps (where compiling happens); FLOPs per image are the trainer's count of a LoRA
+    step (`flops_per_step`), its TFLOP/s the median of the measured steps.
     """
     from train.config import TrainConfig
     from train.loop import train
@@ -117,10 +128,15 @@ def project_train(base: StoreEntry, work: TrainWork, device: str, tmp: Path) -> 
 
     cuda = device.startswith("cuda")
     data = write_sample_dataset(tmp / "data", count=2 * work.batch, size=work.size)
+    options = []
+    if compile != "off":
+        options.append(f"compile {compile}")
+    if checkpoint_blocks:
+        options.append(f"checkpointing {','.join(checkpoint_blocks)}")
     config = TrainConfig(
         base=base.tag,
         data_dir=str(data),
-        name="bench",
+        name="-".join(["bench", *(o.replace(" ", "-").replace(",", "-") for o in options)]),
         output_dir=str(tmp / "runs"),
         cache_dir=str(tmp / "cache"),
         resolution=work.size,
@@ -130,6 +146,9 @@ def project_train(base: StoreEntry, work: TrainWork, device: str, tmp: Path) -> 
         batch_size=work.batch,
         max_steps=work.warmup + work.steps,
         mixed_precision="bf16" if cuda else "no",
+        compile=compile,
+        gradient_checkpointing=bool(checkpoint_blocks),
+        checkpoint_blocks=checkpoint_blocks or ("all",),
         validation_loss_examples=1,
         tensorboard=False,
         store=False,
@@ -138,23 +157,39 @@ def project_train(base: StoreEntry, work: TrainWork, device: str, tmp: Path) -> 
     started = time.perf_counter()
     result = train(config)
     wall = time.perf_counter() - started
-    records = [r for r in read_metrics(result.run_dir) if "images_s" in r]
+    logged = read_metrics(result.run_dir)
+    records = [r for r in logged if "images_s" in r]
     measured = [r for r in records if r["step"] > work.warmup]
     latencies = [work.batch / r["images_s"] for r in measured]
     memory, kind = peak_memory(device)
     trainer_peak = max((r["peak_memory_gb"] for r in records), default=float("nan"))
+    flops = next(r["flops_per_step"] for r in logged if "flops_per_step" in r)
+    tflops = [r["tflops"] for r in measured]
     return Row(
         "train",
-        f"project train, r{work.rank}, batch {work.batch}",
+        " + ".join(["project train", *options]) + f", r{work.rank}, batch {work.batch}",
         images=work.batch * len(measured),
         seconds=sum(latencies),
         latencies=latencies,
         warmup_s=sum(work.batch / r["images_s"] for r in records if r["step"] <= work.warmup),
         peak_memory_gb=memory,
         memory_kind=kind,
+        flops_per_image=flops / work.batch,
         extra={
             "wall_s_with_setup": wall,
             "trainer_peak_memory_gb": trainer_peak,
             "median_step_s": statistics.median(latencies) if latencies else float("nan"),
+            "trainer_tflops": statistics.median(tflops) if tflops else float("nan"),
         },
     )
+
+
+def project_rows(base: StoreEntry, work: TrainWork, device: str, tmp: Path) -> list[Row]:
+    """The project's trainer as is, then (on CUDA only: compiling takes minutes on a CPU) with
+    `compile: blocks`, its ratio taken against the first."""
+    rows = [project_train(base, work, device, tmp / "eager")]
+    if device.startswith("cuda"):
+        compiled = project_train(base, work, device, tmp / "compiled", compile="blocks")
+        compiled.baseline = rows[0].name
+        rows.append(compiled)
+    return rows
