@@ -92,12 +92,14 @@ def write(out: Path, header: dict[str, Any], rows: list[Row], correctness: dict)
     """Write results.json and results.md into `out`; returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     markdown = "\n\n".join(
-        [
+        part
+        for part in [
             "\n".join(f"- {k}: {v}" for k, v in header.items() if k not in ("flops", "profiles")),
             table(rows, header.get("peak_tflops")),
             correctness_table(correctness) if correctness else "",
             profile_summary(header.get("profiles", [])),
         ]
+        if part
     )
     data = {**header, "rows": [r.to_dict() for r in rows], "correctness": correctness}
     (out / "results.json").write_text(json.dumps(data, indent=2, default=str))

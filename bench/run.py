@@ -256,13 +256,15 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
             train_rows.append(training.plain_loop(base, train_work, device))
         _free()
         with section("train project"):
-            train_rows.append(training.project_train(base, train_work, device, home / "train"))
+            train_rows.extend(training.project_rows(base, train_work, device, home / "train"))
         _free()
-        if len(train_rows) == 2:
-            train_rows[1].baseline = train_rows[0].name
-        for row in train_rows:
-            if flops:  # forward + backward ≈ 3 forward passes
-                row.flops_per_image = 3 * flops["unet_forward"]
+        plain = next((r for r in train_rows if r.name.startswith("plain")), None)
+        project = next((r for r in train_rows if r.name.startswith("project train,")), None)
+        if plain is not None and project is not None:
+            project.baseline = plain.name
+            # The same LoRA step: the trainer's own count (forward + backward as autograd runs
+            # it, ≈ 2.1 forward passes since frozen weights get no weight gradients).
+            plain.flops_per_image = project.flops_per_image
         rows.extend(train_rows)
 
     markdown = save()

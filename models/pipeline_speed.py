@@ -23,12 +23,12 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("off", "blocks", "unet")
-BLOCK_CLASSES = ("BasicTransformerBlock", "ResnetBlock2D")
-"""What `blocks` compiles: the UNet's repeated units (diffusers names the first in
-`UNet2DConditionModel._repeated_blocks`; the ResNet blocks carry the convolutions)."""
+EXTRA_BLOCK_CLASSES = ("ResnetBlock2D",)
+"""What `blocks` compiles besides the UNet's `_repeated_blocks` (diffusers names
+BasicTransformerBlock): the ResNet blocks, which carry the convolutions and GroupNorm + SiLU."""
 RECOMPILE_LIMIT = 64
 """Compiled variants kept per code object: blocks of several widths and a few batch sizes and
-image sizes each need their own (torch's default of 8 would fall back to eager past it)."""
+image sizes each need their own (torch's default of 8 would quietly run the rest eager)."""
 
 
 @dataclass(frozen=True)
@@ -87,14 +87,30 @@ def speed_up(pipe, options: SpeedOptions, device: str) -> None:
     if options.compile_cache:
         os.makedirs(options.compile_cache, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = options.compile_cache
-    torch._dynamo.config.recompile_limit = max(
-        torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
-    )
-    kwargs = {"fullgraph": True, "mode": options.compile_mode()}
-    if options.compile == "unet":
-        pipe.unet.compile(**kwargs)
-        return
-    blocks = [m for m in pipe.unet.modules() if type(m).__name__ in BLOCK_CLASSES]
-    for block in blocks:
-        block.compile(**kwargs)
-    log.info("compiling %d UNet blocks (%s)", len(blocks), options.compile_mode())
+    count = compile_unet(pipe.unet, options.compile, fullgraph=True, mode=options.compile_mode())
+    log.info("compiled %d UNet module(s) (%s, %s)", count, options.compile, options.compile_mode())
+
+
+def compile_unet(unet, which: str, **compile_kwargs) -> int:
+    """torch.compile `unet` in place (`module.compile()`: no `_orig_mod.` wrapper enters the
+    module tree, so parameter names, adapter files and checkpoints stay as in an eager run):
+    off, blocks (each repeated block on its own; one compiled code object serves every instance
+    of a class, once per shape) or unet; `compile_kwargs` go to torch.compile. Returns how many modules were compiled."""
+    import torch
+
+    if which not in COMPILE_MODES:
+        raise ValueError(f"compile: {which!r} is not one of {', '.join(COMPILE_MODES)}")
+    if which == "off":
+        return 0
+    if which == "unet":
+        unet.compile(**compile_kwargs)
+        return 1
+    classes = set(getattr(unet, "_repeated_blocks", None) or ()) | set(EXTRA_BLOCK_CLASSES)
+    targets = [m for m in unet.modules() if type(m).__name__ in classes]
+    if not targets:
+        raise ValueError(f"compile: blocks found none of {sorted(classes)} in this UNet")
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, len(targets), RECOMPILE_LIMIT)
+    for module in targets:
+        module.compile(**compile_kwargs)
+    return len(targets)

@@ -10,12 +10,9 @@ import torch
 import torch.utils.checkpoint
 from diffusers import UNet2DConditionModel
 
-log = logging.getLogger(__name__)
+from models.pipeline_speed import compile_unet as compile_module
 
-EXTRA_COMPILED_BLOCKS = ("ResnetBlock2D",)
-"""Compiled by `compile: blocks` besides the UNet's own `_repeated_blocks` (diffusers names
-BasicTransformerBlock): SDXL has 17 of them, where GroupNorm + SiLU fuse and the compiler
-recomputes cheap pointwise results in the backward pass instead of keeping them."""
+log = logging.getLogger(__name__)
 
 
 def unet_blocks(unet: UNet2DConditionModel) -> dict[str, torch.nn.Module]:
@@ -75,32 +72,13 @@ def checkpointed_modules(unet: torch.nn.Module) -> list[str]:
 
 
 def compile_unet(unet: UNet2DConditionModel, mode: str) -> int:
-    """torch.compile the UNet in place for training; returns how many modules were compiled.
-
-    `module.compile()` compiles where the module is, so no `_orig_mod.` wrapper enters the module
-    tree: parameter names, the adapter file and checkpoints stay as in an eager run. Call it after
-    the LoRA layers and checkpointing flags are set (they are traced with the module).
-    """
-    if mode == "off":
-        return 0
-    if mode == "unet":
-        unet.compile()
-        return 1
-    if mode != "blocks":
-        raise ValueError(f"compile: {mode!r} is not one of 'off', 'blocks', 'unet'")
-    classes = set(getattr(unet, "_repeated_blocks", None) or ()) | set(EXTRA_COMPILED_BLOCKS)
-    targets = [m for m in unet.modules() if type(m).__name__ in classes]
-    if not targets:
-        raise ValueError(f"compile: blocks found none of {sorted(classes)} in this UNet")
-    # One compiled code object serves every instance of a class; each distinct shape (SDXL's
-    # ResNets come in about a dozen channel/size combinations) is one more compilation of it.
-    # Past the recompile limit (8) torch would quietly run the rest eager.
-    dynamo = torch._dynamo.config
-    dynamo.recompile_limit = max(dynamo.recompile_limit, len(targets))
-    for module in targets:
-        module.compile()
-    log.info("compiled %d UNet blocks (%s)", len(targets), ", ".join(sorted(classes)))
-    return len(targets)
+    """torch.compile the UNet in place for training (models.pipeline_speed.compile_unet: off,
+    blocks or unet); returns how many modules were compiled. Call it after the LoRA layers and
+    checkpointing flags are set: they are traced with the module."""
+    count = compile_module(unet, mode)
+    if count:
+        log.info("compiled %d UNet module(s) for training (%s)", count, mode)
+    return count
 
 
 def eager() -> contextlib.AbstractContextManager:
