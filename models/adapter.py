@@ -102,21 +102,32 @@ def save_adapter(
         if component not in COMPONENTS:
             raise AdapterError(f"unknown component {component!r}; allowed: {', '.join(COMPONENTS)}")
         check_finite({f"{component}.{k}": v for k, v in sd.items()})
-    lora_config = lora_config or {}
     base_name = info.base_tag.split(":", 1)[0]
     with create_entry(store_name, kind=KIND, labels={BASE_LABEL: base_name}) as staged:
-        StableDiffusionXLPipeline.save_lora_weights(
-            staged.path,
-            unet_lora_layers=layers.get("unet"),
-            text_encoder_lora_layers=layers.get("text_encoder"),
-            text_encoder_2_lora_layers=layers.get("text_encoder_2"),
-            unet_lora_adapter_metadata=lora_config.get("unet"),
-            text_encoder_lora_adapter_metadata=lora_config.get("text_encoder"),
-            text_encoder_2_lora_adapter_metadata=lora_config.get("text_encoder_2"),
-            weight_name=WEIGHTS_NAME,
-        )
+        write_lora_file(staged.path, layers, lora_config)
         staged.metadata.update(info.to_metadata())
     return get_entry(staged.tag, kind=KIND)
+
+
+def write_lora_file(
+    folder: str | Path,
+    layers: Mapping[str, Mapping[str, torch.Tensor]],
+    lora_config: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Path:
+    """`folder/pytorch_lora_weights.safetensors` in diffusers' format (what the store holds and
+    `load_lora_weights` reads), the LoRA config of each component in its header."""
+    lora_config = lora_config or {}
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=layers.get("unet"),
+        text_encoder_lora_layers=layers.get("text_encoder"),
+        text_encoder_2_lora_layers=layers.get("text_encoder_2"),
+        unet_lora_adapter_metadata=lora_config.get("unet"),
+        text_encoder_lora_adapter_metadata=lora_config.get("text_encoder"),
+        text_encoder_2_lora_adapter_metadata=lora_config.get("text_encoder_2"),
+        weight_name=WEIGHTS_NAME,
+    )
+    return Path(folder) / WEIGHTS_NAME
 
 
 def get_adapter(name_or_tag: str) -> StoreEntry:
@@ -297,4 +308,5 @@ __all__ = [
     "save_adapter",
     "verify_adapter",
     "weights_path",
+    "write_lora_file",
 ]

@@ -95,7 +95,8 @@ def compile_unet(unet, which: str, **compile_kwargs) -> int:
     """torch.compile `unet` in place (`module.compile()`: no `_orig_mod.` wrapper enters the
     module tree, so parameter names, adapter files and checkpoints stay as in an eager run):
     off, blocks (each repeated block on its own; one compiled code object serves every instance
-    of a class, once per shape) or unet; `compile_kwargs` go to torch.compile. Returns how many modules were compiled."""
+    of a class, once per shape) or unet; `compile_kwargs` go to torch.compile. Returns how
+    many modules were compiled."""
     import torch
 
     if which not in COMPILE_MODES:

@@ -16,11 +16,17 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers import DDPMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from models.adapter import WEIGHTS_NAME, AdapterError, AdapterInfo, check_finite, save_adapter
+from models.adapter import (
+    AdapterError,
+    AdapterInfo,
+    check_finite,
+    save_adapter,
+    write_lora_file,
+)
 from models.bases import get_base
 from models.clip import ClipScorer
 from models.flops import unet_training_flops
@@ -93,18 +99,7 @@ def write_final_weights(run_dir: Path, layers: dict, lora_config: dict) -> Path:
     disk), and a run with `store` off still leaves its result: `load_lora_weights` reads the
     folder as is.
     """
-    folder = run_dir / "final"
-    StableDiffusionXLPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=layers.get("unet"),
-        text_encoder_lora_layers=layers.get("text_encoder"),
-        text_encoder_2_lora_layers=layers.get("text_encoder_2"),
-        unet_lora_adapter_metadata=lora_config.get("unet"),
-        text_encoder_lora_adapter_metadata=lora_config.get("text_encoder"),
-        text_encoder_2_lora_adapter_metadata=lora_config.get("text_encoder_2"),
-        weight_name=WEIGHTS_NAME,
-    )
-    return folder / WEIGHTS_NAME
+    return write_lora_file(run_dir / "final", layers, lora_config)
 
 
 def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read top to bottom
