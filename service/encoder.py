@@ -24,10 +24,15 @@ from service.images import encode
 log = logging.getLogger(__name__)
 
 
-def _encode_pixels(data: bytes, mode: str, size: tuple[int, int], fmt: str) -> tuple[str, float]:
+def _timed_encode(image: Image.Image, fmt: str) -> tuple[str, float]:
     started = time.perf_counter()
-    text = encode(Image.frombytes(mode, size, data), fmt)
+    text = encode(image, fmt)
     return text, time.perf_counter() - started
+
+
+def _encode_pixels(data: bytes, mode: str, size: tuple[int, int], fmt: str) -> tuple[str, float]:
+    """In a worker: the raw pixels (cheaper to send than a pickled image) back into an image."""
+    return _timed_encode(Image.frombytes(mode, size, data), fmt)
 
 
 class Encoded:
@@ -43,7 +48,7 @@ class Encoded:
                 return self._future.result()
             except BrokenProcessPool:
                 self._encoder.replace_pool(self._pool)
-        return _encode_pixels(self._image.tobytes(), self._image.mode, self._image.size, self._fmt)
+        return _timed_encode(self._image, self._fmt)
 
 
 class Encoder:
