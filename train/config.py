@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from models.pipeline_speed import COMPILE_MODES
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SCHEDULERS = (
     "constant",
@@ -30,7 +32,6 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("auto", "adamw", "adamw8bit")
 CROPS = ("center", "random")
 ATTENTION = ("sdpa", "xformers")
-COMPILE = ("off", "blocks", "unet")
 CHECKPOINT_BLOCK = re.compile(r"all|mid_block|(down|up)_blocks(\.\d+)?")
 """A checkpoint_blocks entry: a UNet block's module name, one side of the UNet, or all."""
 
@@ -221,7 +222,7 @@ class TrainConfig:
             ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("attention", self.attention, ATTENTION),
-            ("compile", self.compile, COMPILE),
+            ("compile", self.compile, COMPILE_MODES),
             ("prediction_type", self.prediction_type, ("",) + PREDICTION_TYPES),
         ):
             if value not in allowed:
