@@ -3,15 +3,24 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install quickstart serve image test test-fast lint bench clean
+LOCK := requirements/lock.txt
+# Where the CPU build of torch comes from on a machine without an NVIDIA GPU: empty means pip's
+# configured indexes (this project's CI machines keep the CPU wheel on disk); elsewhere
+# `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
 
-.venv/.installed: pyproject.toml
+.PHONY: install quickstart serve image test test-fast lint bench lock drift clean
+
+# The locked set (requirements/lock.txt, tools/lock.py): exactly the versions the tests passed
+# with. torch's pin has no local label, so with an NVIDIA GPU pip takes the CUDA build of that
+# release from PyPI; without one, the CPU build is installed first.
+.venv/.installed: pyproject.toml $(LOCK)
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
-	@# No NVIDIA GPU: take the CPU build of torch first (this machine kind keeps its wheel on
-	@# disk); with a GPU, pip resolves torch from pyproject.toml and gets a CUDA build.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "torch==2.13.0"; fi
-	$(PIP) install -q -e ".[test]"
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(PIP) install -q -c $(LOCK) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch; fi
+	$(PIP) install -q -c $(LOCK) -e ".[test]"
+	$(PY) tools/lock.py check
 	touch $@
 
 install: .venv/.installed
@@ -36,7 +45,10 @@ lint: install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 
+# tools/system-deps.sh first: the Debian packages the browser and image tests need (installed
+# when root, else named in one line and those tests skip).
 test: install
+	@bash tools/system-deps.sh
 	$(PY) -m pytest -q --durations=15
 
 test-fast: install
@@ -47,5 +59,15 @@ test-fast: install
 bench: install
 	$(PY) -m bench.run --out runs/bench
 
+# Move the lock forward on purpose: the newest versions pyproject.toml allows, in a fresh venv;
+# the lock is rewritten only if the whole suite passes there, and the changes are printed.
+lock:
+	python3 tools/lock.py refresh
+
+# The early warning (not in CI, which stays reproducible): the newest allowed versions and the
+# fast tests, the lock untouched. Run it weekly, or before a release.
+drift:
+	python3 tools/lock.py drift
+
 clean:
-	rm -rf .venv runs data .pytest_cache
+	rm -rf .venv .venv-refresh .venv-drift runs data .pytest_cache

@@ -2,9 +2,10 @@
 # Build the local CPU flavour of the bentolora OCI image without a Docker daemon or a registry:
 #   1. a Debian bookworm base image from debootstrap, imported into buildah (cached);
 #   2. the tiny models and the quickstart adapter in the model store;
-#   3. `bentoml build` with deploy/bentofile.tiny.yaml (bentolora's wheel + the CPU torch wheel);
+#   3. `bentoml build` with deploy/bentofile.tiny.yaml (the locked run-time set, bentolora's wheel
+#      and the CPU torch wheel);
 #   4. `bentoml containerize --backend buildah`, then an OCI archive checked with skopeo.
-# Needs root, buildah, debootstrap and skopeo (`.ci/run` installs them). Usage:
+# Needs root, buildah, debootstrap and skopeo (tools/system-deps.sh installs them). Usage:
 #   deploy/build-image.sh [TAG]          (default localhost/bentolora:tiny)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,8 +59,14 @@ fi
 step "wheels"
 rm -rf build/wheels && mkdir -p build/wheels
 "$PY" -m pip wheel -q --no-deps -w build/wheels .
-"$PY" -m pip download -q --no-deps -d build/wheels "torch==2.13.0" \
+torch_pin=$(grep -E '^torch==' requirements/runtime.txt)
+"$PY" -m pip download -q --no-deps -d build/wheels "$torch_pin" \
   --only-binary=:all: --platform manylinux_2_28_x86_64 --python-version 3.11
+torch_wheel=$(cd build/wheels && ls torch-*.whl)
+case "$torch_wheel" in *+cpu*) ;; *) echo "not a CPU torch wheel: $torch_wheel" >&2; exit 1 ;; esac
+# The locked run-time set, its torch taken from the CPU wheel inside the Bento (BentoML installs
+# this file from the Bento's env/python, where ./wheels/ is).
+sed "s|^torch==.*|./wheels/$torch_wheel|" requirements/runtime.txt > build/requirements.tiny.txt
 
 step "bentoml build"
 bento=$(.venv/bin/bentoml build -f deploy/bentofile.tiny.yaml --output tag . | tail -n 1 | sed 's/^__tag__://')

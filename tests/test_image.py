@@ -17,6 +17,7 @@ from PIL import Image
 
 from service.client import Client
 from tests.service_helpers import free_port
+from tools import lock
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def image(tiny_base, tmp_path_factory):
     if missing or os.geteuid() != 0:
         if os.environ.get("CI"):
             pytest.fail(f"CI must be able to build the image: missing {missing} or not root")
-        pytest.skip(f"building images needs root and {', '.join(TOOLS)} (.ci/run installs them)")
+        pytest.skip(f"building images needs root and {', '.join(TOOLS)} (tools/system-deps.sh)")
     out = tmp_path_factory.mktemp("image")
     env = {**os.environ, "BENTOLORA_IMAGE_OUT": str(out)}
     started = time.time()
@@ -84,6 +85,28 @@ def test_image_has_no_compilers(image):
         assert probe.stdout.strip() == "bentoml"
     finally:
         subprocess.run(["buildah", "rm", ctr], capture_output=True)
+
+
+def test_the_image_holds_the_locked_runtime_set(image):
+    """The image's venv has exactly requirements/runtime.txt's versions (torch as its CPU build)."""
+    ctr = subprocess.run(
+        ["buildah", "from", TAG], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        probe = subprocess.run(
+            ["buildah", "run", "--isolation", "chroot", ctr, "--", "/app/.venv/bin/python", "-c"]
+            + [lock.READ_ENVIRONMENT, "bentolora"],
+            capture_output=True,
+            text=True,
+        )
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        installed = json.loads(probe.stdout)["installed"]
+    finally:
+        subprocess.run(["buildah", "rm", ctr], capture_output=True)
+    assert installed["torch"].endswith("+cpu")
+    problems, notes = lock.compare(lock.read_lock(lock.RUNTIME), installed)
+    assert problems == [], "\n".join(problems)
+    assert notes == [], "\n".join(notes)
 
 
 def test_the_image_serves_generate_and_score(image):
@@ -214,6 +237,10 @@ save_adapter("my-style", {"unet": {layer + ".lora_A.weight": torch.zeros(2, 64),
             [i for i, line in enumerate(dockerfile.splitlines()) if line.startswith("FROM")][0]
         ].lower()
     )
+    # the image installs the locked run-time set, not whatever the ranges resolve to that day
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    for name, version in lock.read_lock(lock.RUNTIME).items():
+        assert f"{name}=={version}" in requirements
     manifest = (bento / "bento.yaml").read_text()
     for model in ("sdxl-base", "clip-l", "lora-my-style"):
         assert model in manifest
