@@ -13,46 +13,62 @@ LORA_MODES = ("fused", "peft")
 @dataclass(frozen=True)
 class Settings:
     base: str = "sdxl-tiny"
-    """BENTOLORA_BASE: store tag of the SDXL base to serve."""
+    """BENTOLORA_BASE: store tag of the SDXL base to serve (`bentolora-models import` put it
+    there); every adapter in the store made for it is served. Set it to your imported base."""
     clip: str = "clip-tiny"
-    """BENTOLORA_CLIP: store tag of the CLIP model behind /score."""
+    """BENTOLORA_CLIP: store tag of the CLIP model behind /score. Set it to an imported CLIP
+    (e.g. clip-l) in production."""
     device: str = "auto"
-    """BENTOLORA_DEVICE: cuda, cpu, or auto (cuda when present)."""
+    """BENTOLORA_DEVICE: cuda, cuda:N, cpu, or auto (cuda when present). cuda:N pins one GPU
+    of several."""
     dtype: str = "auto"
-    """BENTOLORA_DTYPE: float32, float16, bfloat16, or auto (bfloat16 on cuda, float32 on cpu)."""
+    """BENTOLORA_DTYPE: float32, float16, bfloat16, or auto (bfloat16 on cuda, float32 on cpu).
+    float16 on GPUs without bfloat16 (with a base imported with the fp16-fix VAE)."""
     max_batch_images: int = 8
-    """BENTOLORA_MAX_BATCH_IMAGES: images in one pipeline call at most."""
+    """BENTOLORA_MAX_BATCH_IMAGES: images in one pipeline call at most. Raise it on a large GPU
+    for throughput (memory grows with it); lower it when a batch runs out of memory."""
     max_pixels: int = 2048 * 2048
-    """BENTOLORA_MAX_PIXELS: width × height of a generated image at most."""
+    """BENTOLORA_MAX_PIXELS: width × height of a generated image at most. Lower it to bound
+    the memory and time one request can take."""
     max_input_bytes: int = 8 * 2**20
-    """BENTOLORA_MAX_INPUT_BYTES: size of one image sent to /score at most."""
+    """BENTOLORA_MAX_INPUT_BYTES: size of one image sent to /score at most (413 past it)."""
     max_input_pixels: int = 4096 * 4096
-    """BENTOLORA_MAX_INPUT_PIXELS: pixels of one image sent to /score at most (decompression bombs)."""
+    """BENTOLORA_MAX_INPUT_PIXELS: pixels of one image sent to /score at most (decompression
+    bombs); lower it on a small host."""
     max_body_bytes: int = 64 * 2**20
-    """BENTOLORA_MAX_BODY_BYTES: size of one request body at most (413 past it)."""
+    """BENTOLORA_MAX_BODY_BYTES: size of one request body at most (413 past it). Raise it only
+    if clients send many large images to /score at once."""
     max_adapter_bytes: int = 2**30
-    """BENTOLORA_MAX_ADAPTER_BYTES: size of one adapter's weights file at most (refused past it)."""
+    """BENTOLORA_MAX_ADAPTER_BYTES: size of one adapter's weights file at most (refused past
+    it, with the reason in GET /adapters). Raise it for very high-rank adapters."""
     max_queue: int = 64
     """BENTOLORA_MAX_QUEUE: requests waiting or running per endpoint (/generate, /score); more
-    are refused at once with 429 and Retry-After."""
+    are refused at once with 429 and Retry-After. About what the GPU serves within your
+    clients' timeout; past it, clients retry instead of waiting."""
     request_timeout_s: int = 600
     """BENTOLORA_REQUEST_TIMEOUT_S: a request not started by then is dropped before the GPU (the
-    client has been answered 504)."""
+    client has been answered 504). Match it to your clients' or load balancer's timeout."""
     token: str = ""
-    """BENTOLORA_TOKEN: bearer token every endpoint but health and metrics requires (none: open)."""
+    """BENTOLORA_TOKEN: bearer token every endpoint but health and metrics requires (none:
+    open). Set it (or the file) on any server reachable by others."""
     token_file: str = ""
-    """BENTOLORA_TOKEN_FILE: file holding that token (a mounted secret)."""
+    """BENTOLORA_TOKEN_FILE: file holding that token: a mounted secret, kept out of the
+    process environment. Set it or BENTOLORA_TOKEN, not both."""
     admin_token: str = ""
-    """BENTOLORA_ADMIN_TOKEN: bearer token for changing which adapters are loaded (none: disabled)."""
+    """BENTOLORA_ADMIN_TOKEN: bearer token for changing which adapters are loaded (POST
+    /adapters/reload; none: those routes are disabled). Set it to reload without a restart."""
     admin_token_file: str = ""
-    """BENTOLORA_ADMIN_TOKEN_FILE: file holding the admin token."""
+    """BENTOLORA_ADMIN_TOKEN_FILE: file holding the admin token (a mounted secret). Set it or
+    BENTOLORA_ADMIN_TOKEN, not both."""
     cors_origins: str = ""
-    """BENTOLORA_CORS_ORIGINS: comma-separated origins allowed by CORS (none: CORS off)."""
+    """BENTOLORA_CORS_ORIGINS: comma-separated origins allowed by CORS (none: CORS off). Set it
+    when a web page on another origin calls the API from the browser."""
     promoted_only: bool = False
     """BENTOLORA_PROMOTED_ONLY: 1 serves, per adapter name, only the newest version labelled
     stage=production (by `python -m train evaluate --promote`); 0 serves the newest version."""
     ui: bool = True
-    """BENTOLORA_UI: 1 serves the web UI at /ui (on the service's port), 0 leaves it out."""
+    """BENTOLORA_UI: 1 serves the web UI at /ui (on the service's port), 0 leaves it out (an
+    API-only deployment)."""
     lora_mode: str = "fused"
     """BENTOLORA_LORA_MODE: fused merges the active adapters into the base weights in place (no
     cost per step, no recompilation on a switch); peft keeps diffusers' LoRA layers beside them
@@ -61,9 +77,11 @@ class Settings:
     """BENTOLORA_COMPILE: off, blocks (torch.compile of each UNet block: short compile) or unet
     (the whole UNet). Needs BENTOLORA_LORA_MODE=fused; pair it with BENTOLORA_WARMUP=1."""
     cuda_graphs: bool = False
-    """BENTOLORA_CUDA_GRAPHS: replay the compiled UNet as CUDA graphs (needs compile, CUDA)."""
+    """BENTOLORA_CUDA_GRAPHS: replay the compiled UNet as CUDA graphs (needs compile, CUDA):
+    less CPU launch overhead per step, most useful at small sizes and batches."""
     channels_last: bool = False
-    """BENTOLORA_CHANNELS_LAST: UNet and VAE in channels-last memory format."""
+    """BENTOLORA_CHANNELS_LAST: UNet and VAE in channels-last memory format (faster
+    convolutions on recent NVIDIA GPUs; measure with `make bench`)."""
     fuse_qkv: bool = False
     """BENTOLORA_FUSE_QKV: one matmul for the q, k, v projections of each attention (needs
     BENTOLORA_LORA_MODE=fused)."""

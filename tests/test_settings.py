@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
+
 import pytest
 import torch
 
@@ -40,3 +43,36 @@ def test_environment_overrides():
 def test_bad_values_name_the_variable(env, message):
     with pytest.raises(ValueError, match=message):
         Settings.from_env(env)
+
+
+def test_docs_settings_table_is_the_code():
+    """docs/settings.md's table is what tools/settings_doc.py makes from Settings (regenerate it
+    with `python tools/settings_doc.py`), so every variable is documented with its default."""
+    from tools import settings_doc
+
+    text = settings_doc.DOC.read_text()
+    assert settings_doc.render(text) == text
+    for f in fields(Settings):
+        assert f"`BENTOLORA_{f.name.upper()}`" in text
+
+
+def test_every_bentolora_variable_in_the_repository_is_documented():
+    """A variable read anywhere (code, scripts, recipes) has a row in docs/settings.md."""
+    from tools import settings_doc
+
+    root = settings_doc.ROOT
+    documented = set(re.findall(r"`(BENTOLORA_[A-Z0-9_]+)`", settings_doc.DOC.read_text()))
+    found = set()
+    for pattern in ("**/*.py", "**/*.sh", "**/*.yaml", "Makefile"):
+        for path in root.glob(pattern):
+            if ".venv" not in path.parts and "docs" not in path.parts:
+                found |= set(re.findall(r"BENTOLORA_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+    assert found - documented == set()
+
+
+def test_a_setting_without_its_documentation_is_refused(monkeypatch):
+    from tools import settings_doc
+
+    monkeypatch.setattr(settings_doc, "field_docs", lambda: {"base": "the base"})
+    with pytest.raises(ValueError, match="must start with 'BENTOLORA_BASE:'"):
+        settings_doc.table()
