@@ -3,6 +3,15 @@
 Every write is atomic: the entry is built in a staging folder on the store's file system and
 renamed into place, then `latest` is repointed by another rename. A crash at any instant leaves
 either no new version or a complete one, and `latest` never names a partial entry.
+
+Reads go through BentoML's public API (`bentoml.models.get`, `list`). Writes cannot: the public
+`bentoml.models.create` stages in the system's temp folder and copies into the store folder in
+place, so a kill midway leaves a half version in the store (tests/test_bentoml_internals.py shows
+it), and BentoML has no public way to change a stored version's labels or metadata. What the
+writes rely on instead is pinned, each with a test naming it, in tests/test_bentoml_internals.py:
+`bentoml.Model.create` and `Model.info.dump` make BentoML's own tag and `model.yaml`; the store
+layout (`$BENTOML_HOME/models/<name>/<version>/model.yaml`, `<name>/latest`); and `model.yaml`'s
+top-level `labels` and `metadata`, which `update_entry` edits.
 """
 
 from __future__ import annotations
@@ -20,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import attr
 import bentoml
-from bentoml._internal.models.model import MODEL_YAML_FILENAME, Model, ModelContext, ModelInfo
-from bentoml.exceptions import NotFound
+import yaml
+from bentoml.exceptions import BentoMLException, NotFound
 
 from models.hashing import hash_folder
 
@@ -34,6 +42,11 @@ KIND_LABEL = "bentolora.kind"
 BASE_LABEL = "bentolora.base"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 """Errors that mean the store's disk (or the user's quota on it) is full."""
+
+MODEL_YAML = "model.yaml"
+"""BentoML's description of a version (tag, labels, metadata, creation time), in its folder."""
+MODULE = "bentolora"
+"""What `bentoml models list` shows as the module of our entries."""
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
 NAME_RULE = (
@@ -76,15 +89,14 @@ def adapter_store_name(name: str) -> str:
     return name if name.startswith(ADAPTER_PREFIX) else ADAPTER_PREFIX + name
 
 
-def _model_store():
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    return BentoMLContainer.model_store.get()
-
-
 def store_root() -> Path:
-    """The folder the model store lives in (`$BENTOML_HOME/models`)."""
-    return Path(_model_store()._path)
+    """The folder the model store lives in: `$BENTOML_HOME/models`, `~/bentoml/models` by
+    default, as BentoML documents it (variables and `~` in BENTOML_HOME expanded as BentoML
+    does). create_entry checks that BentoML finds each entry written here."""
+    home = os.environ.get("BENTOML_HOME", os.path.join("~", "bentoml"))
+    while (expanded := os.path.expanduser(os.path.expandvars(home))) != home:
+        home = expanded
+    return Path(home) / "models"
 
 
 def _entry(model: bentoml.Model) -> StoreEntry:
@@ -116,11 +128,11 @@ def get_entry(tag: str, kind: str | None = None) -> StoreEntry:
 
 def list_entries(kind: str | None = None) -> list[StoreEntry]:
     """All versions in the store, newest first, optionally of one kind (`base` or `adapter`)."""
-    entries = [_entry(m) for m in bentoml.models.list()]
+    models = sorted(bentoml.models.list(), key=lambda m: m.info.creation_time, reverse=True)
+    entries = [_entry(m) for m in models]
     if kind is not None:
         entries = [e for e in entries if e.labels.get(KIND_LABEL) == kind]
-    by_time = {str(m.tag): m.info.creation_time for m in bentoml.models.list()}
-    return sorted(entries, key=lambda e: by_time[e.tag], reverse=True)
+    return entries
 
 
 _held_locks: dict[str, int] = {}
@@ -165,45 +177,92 @@ def update_entry(
 ) -> StoreEntry:
     """Merge `metadata` and `labels` into an existing version's `model.yaml`, atomically.
 
-    Top-level keys are replaced; a label set to None is removed. The new `model.yaml` is written
-    beside the store (same file system) and renamed over the old one, so a reader sees the old
-    file or the new one, never a partial one. The weights are untouched, and the content hash
-    ignores `model.yaml` (models.hashing.IGNORED), so adapter checks still pass.
+    Top-level keys are replaced; a label set to None is removed. BentoML has no public call for
+    this, so its `model.yaml` is edited as data: only `labels` and `metadata` change, every other
+    field stays as BentoML wrote it. The new file is written beside the store (same file system),
+    read back with BentoML's own reader (`bentoml.Model.from_path`), and renamed over the old one,
+    so a reader sees the old file or the new one, never a partial or unreadable one. The weights
+    are untouched, and the content hash ignores `model.yaml` (models.hashing.IGNORED), so adapter
+    checks still pass.
     """
     entry = get_entry(tag)
+    for key, value in (labels or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str | None):
+            raise StoreError(f"label {key!r}: {value!r}: labels are text (None removes one)")
     with entry_lock(entry.name):
-        info = bentoml.models.get(entry.tag).info  # read again under the lock
-        new_labels = {**info.labels, **(labels or {})}
-        updated = ModelInfo(
-            tag=info.tag,
-            module=info.module,
-            labels={k: v for k, v in new_labels.items() if v is not None},
-            options=info._options,
-            metadata={**info.metadata, **(metadata or {})},
-            context=info.context,
-            signatures=info.signatures,
-            api_version=info.api_version,
-            creation_time=info.creation_time,
-        )
+        info = yaml.safe_load((entry.path / MODEL_YAML).read_text("utf8"))  # again, locked
+        new_labels = {**(info.get("labels") or {}), **(labels or {})}
+        info["labels"] = {k: v for k, v in new_labels.items() if v is not None}
+        info["metadata"] = {**(info.get("metadata") or {}), **_plain(metadata or {})}
         staging = _staging_root()
         staging.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f"{entry.name}-", suffix=".yaml", dir=staging)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{entry.name}-", dir=staging))
         try:
-            with os.fdopen(handle, "w") as f:
-                updated.dump(f)
+            with open(scratch / MODEL_YAML, "w", encoding="utf8") as f:
+                yaml.safe_dump(info, f, sort_keys=False)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, entry.path / MODEL_YAML_FILENAME)
+            _readable_by_bentoml(scratch, entry.tag)
+            os.replace(scratch / MODEL_YAML, entry.path / MODEL_YAML)
         except BaseException as err:
-            Path(tmp).unlink(missing_ok=True)
             if _disk_full(err):
                 raise StoreError(
                     f"cannot update {entry.tag}: no space left on the disk holding the model "
                     f"store ({_free(entry.path)} free); it is unchanged"
                 ) from err
             raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     log.info("updated %s (%s)", entry.tag, ", ".join([*(metadata or {}), *(labels or {})]))
     return get_entry(entry.tag)
+
+
+def _plain(value: Any) -> Any:
+    """`value` in the plain types a YAML file holds: numpy and torch numbers and arrays become
+    Python numbers and lists, tuples lists (BentoML's own writer converts them the same way)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    return value
+
+
+def _readable_by_bentoml(folder: Path, tag: str) -> None:
+    """Raise StoreError unless BentoML reads `folder`'s model.yaml as version `tag`."""
+    try:
+        model = bentoml.Model.from_path(folder)
+    except Exception as err:  # whatever BentoML's reader raises, the file is not publishable
+        raise StoreError(f"BentoML cannot read the model.yaml written for {tag}: {err}") from err
+    if str(model.tag) != tag:
+        raise StoreError(f"BentoML reads the model.yaml written for {tag} as {model.tag}")
+
+
+def _new_version(name: str, folder: Path, labels: dict[str, str], metadata: dict) -> str:
+    """Write BentoML's model.yaml for a new version of `name` into `folder`; return its tag.
+
+    `bentoml.Model.create` makes the tag and the description as the public `bentoml.models.create`
+    would (it is what that calls), without saving anything into the store; the public call would
+    then copy the files into the store in place, which a kill can leave half done.
+    """
+    model = bentoml.Model.create(
+        name,
+        module=MODULE,
+        api_version="v1",
+        signatures={},
+        labels=labels,
+        metadata=metadata,
+        context=bentoml.models.ModelContext(framework_name=MODULE, framework_versions={}),
+    )
+    try:
+        with open(folder / MODEL_YAML, "w", encoding="utf8") as f:
+            model.info.dump(f)
+    finally:
+        shutil.rmtree(model.path, ignore_errors=True)  # the empty temp folder it made
+    tag = str(model.tag)
+    _readable_by_bentoml(folder, tag)
+    return tag
 
 
 @dataclass
@@ -229,7 +288,8 @@ def create_entry(
 
     The folder is staged beside the store (same file system), so publishing is one rename, and
     on an exception (or a kill) nothing reaches the store. `bentoml models list` reads the result
-    like any other model: the `model.yaml` is BentoML's own, written by its `Model` class.
+    like any other model: the `model.yaml` is BentoML's own, written by its `Model` class, and
+    BentoML is asked for the new version once it is in place.
     The content hash of the files goes into the metadata as `content_hash`; with
     `reuse_identical`, a version of `name` holding the same files is kept instead of adding a twin
     (so setup commands can run every time), and `staged.tag` names it.
@@ -256,25 +316,15 @@ def create_entry(
                     staged.tag = existing.tag
                     log.info("%s already holds these files", existing.tag)
                     return
-        model = Model.create(
-            name,
-            module="bentolora",
-            api_version="v1",
-            signatures={},
-            labels={KIND_LABEL: kind, **(labels or {})},
-            metadata=staged.metadata,
-            context=ModelContext(framework_name="bentolora", framework_versions={}),
-        )
-        shutil.rmtree(model.path, ignore_errors=True)  # the empty temp folder it made
-        model = attr.evolve(model, path=stage)
-        model.flush()  # model.yaml: tag, labels, metadata, creation time
-        model.validate()
+        tag = _new_version(name, stage, {KIND_LABEL: kind, **(labels or {})}, staged.metadata)
+        version = tag.split(":", 1)[1]
         _fsync_tree(stage)
-        final = root / model.tag.name / model.tag.version
+        final = root / name / version
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(stage, final)
         published = final
-        _write_latest(final.parent, model.tag.version)
+        _found_by_bentoml(tag, final)
+        _write_latest(final.parent, version)
     except BaseException as err:
         # An exception means "nothing stored", even when it came after the rename (`latest`
         # could not be repointed): the new version goes too, so a retry starts clean.
@@ -287,8 +337,19 @@ def create_entry(
                 f"(ENOSPC; {_free(root)} free now); nothing was stored. Free space there and retry"
             ) from err
         raise
-    log.info("saved %s", model.tag)
-    staged.tag = str(model.tag)
+    log.info("saved %s", tag)
+    staged.tag = tag
+
+
+def _found_by_bentoml(tag: str, folder: Path) -> None:
+    """Raise StoreError unless BentoML's public lookup finds `tag` in `folder`: the store written
+    to is the one BentoML reads."""
+    try:
+        found = Path(bentoml.models.get(tag).path)
+    except (NotFound, BentoMLException) as err:
+        raise StoreError(f"BentoML does not find {tag}, written to {folder}: {err}") from err
+    if found.resolve() != folder.resolve():
+        raise StoreError(f"BentoML finds {tag} in {found}, not in {folder} where it was written")
 
 
 def _disk_full(err: BaseException | None) -> bool:

@@ -3,20 +3,24 @@
 python -m service.cli generate "a red circle" --width 1024 --height 1024 --adapter my-style=0.8 -o out.png
 python -m service.cli score out.png --text "a red circle"
 python -m service.cli adapters
+
+A server that requires a token gets it from --token or, by default, from BENTOLORA_TOKEN.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 from bentoml.exceptions import BentoMLException
 from PIL import Image
 
-from service.client import Client
+from service.client import Client, SchedulerName
 
 
 def parse_adapter(text: str) -> tuple[str, float]:
@@ -33,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--url", default="http://localhost:3000")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("BENTOLORA_TOKEN") or None,
+        help="the server's bearer token (default: $BENTOLORA_TOKEN)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate")
     gen.add_argument("prompt")
@@ -47,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--guidance", float),
         ("--seed", int),
         ("--num-images", int),
-        ("--scheduler", str),
     ):
         gen.add_argument(flag, type=kind)
+    gen.add_argument("--scheduler", choices=get_args(SchedulerName))
     gen.add_argument(
         "--adapter", type=parse_adapter, action="append", default=[], help="NAME[=SCALE]"
     )
@@ -63,27 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.url, timeout=args.timeout) as client:
+        with Client(args.url, token=args.token, timeout=args.timeout) as client:
             if args.command == "generate":
                 output = Path(args.output)
                 fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(
                     output.suffix.lower(), "png"
                 )
-                options = {
-                    k: getattr(args, k)
-                    for k in (
-                        "negative_prompt",
-                        "width",
-                        "height",
-                        "steps",
-                        "guidance",
-                        "seed",
-                        "num_images",
-                        "scheduler",
-                    )
-                }
                 images = client.generate(
-                    args.prompt, adapters=dict(args.adapter), output_format=fmt, **options
+                    args.prompt,
+                    negative_prompt=args.negative_prompt,
+                    width=args.width,
+                    height=args.height,
+                    steps=args.steps,
+                    guidance=args.guidance,
+                    seed=args.seed,
+                    num_images=args.num_images,
+                    scheduler=args.scheduler,
+                    adapters=dict(args.adapter),
+                    output_format=fmt,
                 )
                 for i, generated in enumerate(images):
                     path = (

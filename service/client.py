@@ -1,30 +1,47 @@
 """Python client of the bentolora service, over BentoML's own HTTP clients.
 
     from service.client import Client
-    with Client("http://localhost:3000") as client:
+    with Client("http://localhost:3000", token="...") as client:
         images = client.generate("a red circle", width=1024, height=1024, adapters={"my-style": 0.8})
         images[0].image.save("out.png")
 
-Timeouts are sized for SDXL on a busy GPU; only 503 (not ready / overloaded) is retried, with
-backoff, since retrying any other error would repeat a failure or duplicate work.
+Timeouts are sized for SDXL on a busy GPU. Only 429 (overloaded: the queue is full) and 503 (not
+ready, out of GPU memory) are retried, after the server's `Retry-After` (else with backoff), a
+bounded number of times and seconds: retrying any other error would repeat a failure or
+duplicate work. The token goes to BentoML's client at construction, so its first request (the
+service's /schema.json) carries it too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import io
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime, timezone
+from http import HTTPStatus
+from typing import Any, Literal
 
 import bentoml
+import httpx
 from bentoml.exceptions import BentoMLException
 from PIL import Image
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TIMEOUT_S = 600.0
-RETRY_STATUS = 503
+RETRY_STATUSES = frozenset({429, 503})
+
+# The request fields, as in service/schemas.py's GenerateRequest (kept light: the client does not
+# import the server's modules). tests/test_client.py checks that the two agree.
+SchedulerName = Literal["euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+Adapters = Mapping[str, float] | Sequence[Mapping[str, Any]]
+"""{name: scale}, or [{"name": ..., "scale": ...}] as the HTTP API takes them."""
 
 
 @dataclass
@@ -45,18 +62,74 @@ class Scores:
     image_similarity: list[list[float]] = field(default_factory=list)
 
 
-def _request(
-    prompt: str, adapters: Mapping[str, float] | Sequence[Mapping] | None, **options: Any
-) -> dict:
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try a request again: only on 429 and 503, at most `retries` times, waiting what
+    the server's `Retry-After` says (else `backoff_s` × 2^attempt), never more than `max_wait_s`
+    seconds in all; a wait that would go past that budget is not started, the error is raised."""
+
+    retries: int = 3
+    backoff_s: float = 1.0
+    max_wait_s: float = 120.0
+
+    def delay(self, response: httpx.Response, attempt: int, waited_s: float) -> float | None:
+        """Seconds to wait before try `attempt + 1` (0 is the first), or None to give up."""
+        if response.status_code not in RETRY_STATUSES or attempt >= self.retries:
+            return None
+        delay = retry_after_s(response.headers.get("retry-after"))
+        if delay is None:
+            delay = self.backoff_s * 2**attempt
+        return delay if waited_s + delay <= self.max_wait_s else None
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """A `Retry-After` header in seconds (it is delay-seconds or an HTTP date); None when absent
+    or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _error(response: httpx.Response) -> BentoMLException:
+    try:
+        status = HTTPStatus(response.status_code)
+    except ValueError:
+        status = HTTPStatus.INTERNAL_SERVER_ERROR
+    return BentoMLException(f"{response.status_code}: {response.text}", error_code=status)
+
+
+def _refusal(url: str, token: str | None, timeout: float) -> BentoMLException | None:
+    """The server's answer to the client's first request (/schema.json) when it is an error, e.g.
+    401 "missing bearer token": BentoML's client says only that fetching the schema failed."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/schema.json", headers=headers, timeout=timeout)
+    except httpx.HTTPError:
+        return None
+    return _error(response) if response.is_error else None
+
+
+def _request(prompt: str, adapters: Adapters | None, fields: Mapping[str, Any]) -> dict:
+    """The JSON body of one generate request; fields left None take the server's defaults."""
     if isinstance(adapters, Mapping):
         adapters = [{"name": name, "scale": scale} for name, scale in adapters.items()]
-    body = {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
+    body = {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
     if adapters:
         body["adapters"] = list(adapters)
-    return body
+    return {"requests": [body]}
 
 
-def _images(response: Mapping[str, Any]) -> list[Generated]:
+def _images(response: list[Mapping[str, Any]]) -> list[Generated]:
+    [result] = response
     return [
         Generated(
             image=Image.open(io.BytesIO(base64.b64decode(item["image"]))),
@@ -66,7 +139,7 @@ def _images(response: Mapping[str, Any]) -> list[Generated]:
             timings=item["timings"],
             format=item["format"],
         )
-        for item in response["images"]
+        for item in result["images"]
     ]
 
 
@@ -77,64 +150,101 @@ def _encode(image: Image.Image) -> str:
 
 
 def _score_request(images: Sequence[Image.Image], texts: Sequence[str]) -> dict:
-    return {"images": [_encode(i) for i in images], "texts": list(texts)}
+    return {"requests": [{"images": [_encode(i) for i in images], "texts": list(texts)}]}
 
 
-def _status(err: BentoMLException) -> int:
-    return int(getattr(err, "error_code", 500))
+def _scores(response: list[Mapping[str, Any]]) -> Scores:
+    [result] = response
+    return Scores(result["clip_scores"], result["image_similarity"])
+
+
+def _log_retry(path: str, status: int, delay: float, attempt: int, retries: int) -> None:
+    log.info("%s answered %d; retry %d of %d in %.1f s", path, status, attempt + 1, retries, delay)
 
 
 class Client:
-    """Blocking client: `generate`, `score`, `adapters`."""
+    """Blocking client: `generate`, `score`, `adapters`, `is_ready`.
+
+    `token`: the server's bearer token (BENTOLORA_TOKEN there). `retries`, `backoff_s` and
+    `max_retry_wait_s` bound the retries of 429 and 503 (see RetryPolicy). Constructing waits up
+    to `timeout` seconds for the server to be ready.
+    """
 
     def __init__(
         self,
         url: str = "http://localhost:3000",
         *,
+        token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         retries: int = 3,
         backoff_s: float = 1.0,
-        token: str | None = None,
+        max_retry_wait_s: float = 120.0,
     ):
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        self._http = bentoml.SyncHTTPClient(url, timeout=timeout, server_ready_timeout=timeout)
-        if headers:
-            self._http.client.headers.update(headers)
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retry = RetryPolicy(retries, backoff_s, max_retry_wait_s)
+        try:
+            self._http = bentoml.SyncHTTPClient(
+                url, token=token, timeout=timeout, server_ready_timeout=timeout
+            )
+        except BentoMLException as err:
+            refusal = _refusal(url, token, timeout)
+            if refusal is None:
+                raise
+            raise refusal from err
 
-    def _call(self, fn, **kwargs):
-        for attempt in range(self.retries + 1):
-            try:
-                return fn(**kwargs)
-            except BentoMLException as err:
-                if _status(err) != RETRY_STATUS or attempt == self.retries:
-                    raise
-                time.sleep(self.backoff_s * 2**attempt)
+    def _post(self, path: str, body: dict) -> Any:
+        waited = 0.0
+        attempt = 0
+        while True:
+            response = self._http.request("POST", path, json=body)
+            if not response.is_error:
+                return response.json()
+            delay = self.retry.delay(response, attempt, waited)
+            if delay is None:
+                raise _error(response)
+            _log_retry(path, response.status_code, delay, attempt, self.retry.retries)
+            time.sleep(delay)
+            waited += delay
+            attempt += 1
 
     def generate(
         self,
         prompt: str,
         *,
-        adapters: Mapping[str, float] | Sequence[Mapping] | None = None,
-        **options: Any,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int | None = None,
+        scheduler: SchedulerName | None = None,
+        adapters: Adapters | None = None,
+        output_format: OutputFormat | None = None,
     ) -> list[Generated]:
-        """Options: negative_prompt, width, height, steps, guidance, seed, num_images, scheduler,
-        output_format (see the server's /docs)."""
-        [response] = self._call(
-            self._http.generate, requests=[_request(prompt, adapters, **options)]
-        )
-        return _images(response)
+        """Images for `prompt`. Each field left None takes the server's default; the limits are
+        the server's (README, or its OpenAPI page at /): a bad value is answered 400 with the
+        field and what is allowed, raised as BentoMLException."""
+        fields = {
+            "negative_prompt": negative_prompt,
+            "width": width,
+            "height": height,
+            "steps": steps,
+            "guidance": guidance,
+            "seed": seed,
+            "num_images": num_images,
+            "scheduler": scheduler,
+            "output_format": output_format,
+        }
+        return _images(self._post("/generate", _request(prompt, adapters, fields)))
 
     def score(self, images: Sequence[Image.Image], texts: Sequence[str] = ()) -> Scores:
-        [response] = self._call(
-            self._http.score,
-            requests=[_score_request(images, texts)],
-        )
-        return Scores(response["clip_scores"], response["image_similarity"])
+        return _scores(self._post("/score", _score_request(images, texts)))
 
     def adapters(self) -> list[dict[str, Any]]:
-        response = self._http.client.get("/adapters/")
-        response.raise_for_status()
+        """The adapters the server serves, with their metadata (GET /adapters/)."""
+        response = self._http.request("GET", "/adapters/")
+        if response.is_error:
+            raise _error(response)
         return response.json()["adapters"]
 
     def is_ready(self) -> bool:
@@ -151,55 +261,93 @@ class Client:
 
 
 class AsyncClient:
-    """The same over `bentoml.AsyncHTTPClient`, for many requests in flight from one process."""
+    """The same over `bentoml.AsyncHTTPClient`, for many requests in flight from one process:
+    `async with AsyncClient(url, token=...) as client: await client.generate(...)`."""
 
     def __init__(
         self,
         url: str = "http://localhost:3000",
         *,
+        token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         retries: int = 3,
         backoff_s: float = 1.0,
-        token: str | None = None,
+        max_retry_wait_s: float = 120.0,
     ):
-        self._http = bentoml.AsyncHTTPClient(url, timeout=timeout, server_ready_timeout=timeout)
-        if token:
-            self._http.client.headers.update({"Authorization": f"Bearer {token}"})
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retry = RetryPolicy(retries, backoff_s, max_retry_wait_s)
+        self._url, self._token, self._timeout = url, token, timeout
+        self._http = bentoml.AsyncHTTPClient(
+            url, token=token, timeout=timeout, server_ready_timeout=timeout
+        )
 
-    async def _call(self, fn, **kwargs):
-        for attempt in range(self.retries + 1):
-            try:
-                return await fn(**kwargs)
-            except BentoMLException as err:
-                if _status(err) != RETRY_STATUS or attempt == self.retries:
-                    raise
-                await asyncio.sleep(self.backoff_s * 2**attempt)
+    async def _post(self, path: str, body: dict) -> Any:
+        waited = 0.0
+        attempt = 0
+        while True:
+            response = await self._http.request("POST", path, json=body)
+            if not response.is_error:
+                return response.json()
+            delay = self.retry.delay(response, attempt, waited)
+            if delay is None:
+                raise _error(response)
+            _log_retry(path, response.status_code, delay, attempt, self.retry.retries)
+            await asyncio.sleep(delay)
+            waited += delay
+            attempt += 1
 
     async def generate(
         self,
         prompt: str,
         *,
-        adapters: Mapping[str, float] | Sequence[Mapping] | None = None,
-        **options: Any,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int | None = None,
+        scheduler: SchedulerName | None = None,
+        adapters: Adapters | None = None,
+        output_format: OutputFormat | None = None,
     ) -> list[Generated]:
-        [response] = await self._call(
-            self._http.generate, requests=[_request(prompt, adapters, **options)]
-        )
-        return _images(response)
+        """As Client.generate."""
+        fields = {
+            "negative_prompt": negative_prompt,
+            "width": width,
+            "height": height,
+            "steps": steps,
+            "guidance": guidance,
+            "seed": seed,
+            "num_images": num_images,
+            "scheduler": scheduler,
+            "output_format": output_format,
+        }
+        return _images(await self._post("/generate", _request(prompt, adapters, fields)))
 
     async def score(self, images: Sequence[Image.Image], texts: Sequence[str] = ()) -> Scores:
-        [response] = await self._call(
-            self._http.score,
-            requests=[_score_request(images, texts)],
-        )
-        return Scores(response["clip_scores"], response["image_similarity"])
+        return _scores(await self._post("/score", _score_request(images, texts)))
+
+    async def adapters(self) -> list[dict[str, Any]]:
+        """The adapters the server serves, with their metadata (GET /adapters/)."""
+        response = await self._http.request("GET", "/adapters/")
+        if response.is_error:
+            raise _error(response)
+        return response.json()["adapters"]
+
+    async def is_ready(self) -> bool:
+        return await self._http.is_ready()
 
     async def close(self) -> None:
         await self._http.close()
 
     async def __aenter__(self) -> AsyncClient:
-        await self._http.__aenter__()  # BentoML's async client connects here
+        try:
+            await self._http.__aenter__()  # BentoML's async client waits for the server here
+        except BentoMLException as err:
+            refusal = await asyncio.to_thread(_refusal, self._url, self._token, self._timeout)
+            if refusal is None:
+                raise
+            raise refusal from err
         return self
 
     async def __aexit__(self, *exc: object) -> None:

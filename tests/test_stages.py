@@ -49,7 +49,7 @@ def test_a_failed_update_leaves_the_old_file_and_no_temporary(tiny_base, monkeyp
         update_entry(entry.tag, labels={"stage": "production"})
     assert (entry.path / "model.yaml").read_text() == yaml_before
     staging = store_root().parent / ".bentolora-staging"
-    assert not list(staging.glob("lora-update-fails-*.yaml"))
+    assert not list(staging.glob("lora-update-fails-*"))
 
 
 def test_promotion_archives_the_previous_production_version(tiny_base):
@@ -63,3 +63,19 @@ def test_promotion_archives_the_previous_production_version(tiny_base):
     assert get_entry(second.tag).labels[STAGE_LABEL] == PRODUCTION
     assert [e.tag for e in production_versions("lora-staged")] == [second.tag]
     assert promote(second) == []  # promoting the production version again changes nothing
+
+
+def test_update_entry_stores_numpy_numbers_and_tuples_as_plain_values(tiny_base):
+    import numpy as np
+
+    entry = one_layer_adapter("update-numpy", tiny_base)
+    scores = {"clip_score": np.float32(21.5), "seeds": (1, 2), "per_prompt": np.array([1.0, 2.0])}
+    updated = update_entry(entry.tag, metadata={"evaluation": scores})
+    assert updated.metadata["evaluation"] == {
+        "clip_score": 21.5,
+        "seeds": [1, 2],
+        "per_prompt": [1.0, 2.0],
+    }
+    assert bentoml_models("get", entry.tag)["metadata"]["evaluation"]["seeds"] == [1, 2]
+    with pytest.raises(StoreError, match="labels are text"):
+        update_entry(entry.tag, labels={"stage": 3})
