@@ -134,15 +134,7 @@ class FusedLora:
         self._base: dict[Layer, torch.Tensor] = {}
         self._merged: set[Layer] = set()
         self._active: tuple[tuple[str, float], ...] = ()
-
-    @property
-    def active(self) -> tuple[tuple[str, float], ...]:
         """(tag, scale) of each adapter merged now; empty: the base's own weights."""
-        return self._active
-
-    def base_bytes(self) -> int:
-        """Memory held by the kept base values."""
-        return sum(t.nbytes for t in self._base.values())
 
     @torch.no_grad()
     def activate(self, choices: Sequence[tuple[LoraFactors, float]]) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from train.dataset import IMAGE_SUFFIXES, DatasetError, DatasetScan, scan_dataset
+from train.data import IMAGE_SUFFIXES, DatasetError, DatasetScan, scan_dataset
 from train.sample_data import write_sample_dataset
 
 
@@ -118,7 +118,7 @@ def test_csv_from_a_spreadsheet_with_byte_order_mark(tmp_path):
 def test_metadata_layout_leaves_unlisted_images_out_and_says_so(tmp_path, caplog):
     root = write_sample_dataset(tmp_path / "j", count=3, layout="jsonl")
     shutil.copy(root / "0000.png", root / "forgotten.png")
-    with caplog.at_level(logging.INFO, logger="train.dataset"):
+    with caplog.at_level(logging.INFO, logger="train.data"):
         scan = scan_dataset(root)
     assert len(scan.examples) == 3
     assert "1 images in" in caplog.text and "not named in metadata.jsonl" in caplog.text
@@ -133,7 +133,7 @@ def test_undecodable_and_truncated_images_are_skipped_counted_and_logged(caption
     data = (captions / "0001.png").read_bytes()
     (captions / "truncated.png").write_bytes(data[: len(data) // 2])
     (captions / "truncated.txt").write_text("truncated")
-    with caplog.at_level(logging.WARNING, logger="train.dataset"):
+    with caplog.at_level(logging.WARNING, logger="train.data"):
         scan = scan_dataset(captions)
     assert len(scan.examples) == 6
     skipped = {s.path.name: s.reason for s in scan.skipped}

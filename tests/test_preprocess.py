@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train.preprocess import Bucket, choose_bucket, cover_size, make_buckets, prepare_image
+from train.data import Bucket, choose_bucket, cover_size, make_buckets, prepare_image
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

@@ -222,3 +222,42 @@ def test_lpips_clip_matches_a_numpy_computation(scorer, clip_folder):
         expected += ((na - nb) ** 2).sum(axis=-1).mean(axis=-1)
     expected /= len(layers_a)
     assert quality.lpips_clip(scorer, a, b).numpy() == pytest.approx(expected, rel=1e-5)
+
+
+SCORE_IN_A_FRESH_PROCESS = """
+import logging
+import warnings
+
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    from PIL import Image
+
+    from models.clip import ClipScorer, build_tiny_clip, save_clip
+
+    save_clip(*build_tiny_clip(0), "clip-tiny", source="tiny:seed=0", reuse_identical=True)
+    scorer = ClipScorer.from_store("clip-tiny")
+    print("score", float(scorer.clip_scores([Image.new("RGB", (64, 64), "red")], ["red"])[0, 0]))
+for warning in caught:
+    print("warning:", warning.message)
+"""
+
+
+def test_building_the_clip_scorer_warns_of_no_torchvision():
+    """transformers 5 means torchvision's backend by `CLIPImageProcessor`, which diffusers' SDXL
+    pipeline imports; without torchvision (not a dependency) it warned on every run. `models`
+    names the PIL processors first. A fresh process: in this one the warning may be long gone."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", SCORE_IN_A_FRESH_PROCESS],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "score" in result.stdout
+    output = result.stdout + result.stderr  # warnings, and transformers' log lines on stderr
+    assert "torchvision" not in output.lower(), output[-2000:]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from train.dataset import scan_dataset
+from train.data import scan_dataset
 from train.sample_data import COLOURS, LAYOUTS, SHAPES, write_sample_dataset
 
 CAPTION = re.compile(r"^(?:a )?(\w+) (circle|square|triangle|stripes) on a (\w+) background$")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
+from safetensors.torch import load_file
 
 from models.adapter import (
     apply_adapters,
@@ -17,11 +24,11 @@ from models.adapter import (
 )
 from models.loading import load_pipeline
 from models.store import StoreError
-from train.config import TrainConfig
-from train.dataset import DatasetError
-from train.loop import TrainingError, train
+from tests.store_helpers import bentoml_models
+from train.config import VALIDATION_SEED, TrainConfig
+from train.data import DatasetError
+from train.loop import TrainingError, TrainResult, train
 from train.metrics import read_metrics
-from train.validation import VALIDATION_SEED
 
 PROMPT = "a red circle on a blue background"
 # Attention-only LoRA on a random-weight UNet can barely move the loss; adding the input/output
@@ -199,12 +206,13 @@ def test_bad_images_are_skipped_and_counted(tiny_base, sample_dir, tmp_path):
 
 
 def test_missing_and_empty_data_folders_stop_with_the_path(tiny_base, tmp_path):
+    stored = {m["tag"] for m in bentoml_models("list")}  # the store as BentoML reads it
     with pytest.raises(DatasetError, match="missing"):
         train(config_for(tmp_path / "missing", tmp_path, name="nodata"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="empty"):
         train(config_for(tmp_path / "empty", tmp_path, name="nodata"))
-    assert list_adapters() == [e for e in list_adapters() if e.name != "lora-nodata"]
+    assert {m["tag"] for m in bentoml_models("list")} == stored  # nothing was stored
 
 
 def test_unknown_base_stops_and_lists_the_store(sample_dir, tmp_path, tiny_base):
@@ -227,37 +235,175 @@ def test_nan_loss_stops_the_run_and_stores_nothing(tiny_base, sample_dir, tmp_pa
     assert all(e.name != "lora-diverges" for e in list_adapters())
 
 
-@pytest.mark.parametrize(
-    "changes",
-    [
-        {"text_encoder_lora": True, "cache_text_embeddings": False},
-        {"bucketing": True, "bucket_step": 16},
-        {"mixed_precision": "bf16"},
-        {"gradient_checkpointing": True},
-        {"crop": "random", "cache_latents": False, "flip": True},
+@pytest.fixture(scope="module")
+def options_data(sample_dir, tmp_path_factory):
+    """The sample dataset plus a 2:1 and a 1:2 image, so bucketing has shapes to change."""
+    data = tmp_path_factory.mktemp("options") / "data"
+    shutil.copytree(sample_dir, data)
+    for i, size in enumerate([(96, 48), (48, 96)]):
+        Image.new("RGB", size, (200, 30, 30)).save(data / f"wide{i}.png")
+        (data / f"wide{i}.txt").write_text("a red rectangle")
+    return data
+
+
+def options_config(data, tmp_path, **changes) -> TrainConfig:
+    return config_for(data, tmp_path, max_steps=3, validation_prompts=(), **changes)
+
+
+@dataclass
+class OptionRun:
+    """What one run of the options test left: its result, weights, metrics and cache."""
+
+    result: TrainResult
+    weights: dict[str, torch.Tensor]
+    records: list[dict]
+    cache: Path
+    """The run's one latent/embedding cache folder."""
+    log: str
+
+    def changed_from(self, other: OptionRun) -> bool:
+        """Whether any UNet LoRA tensor differs from `other`'s."""
+        unet = [k for k in other.weights if k.startswith("unet.")]
+        return any(not torch.equal(self.weights[k], other.weights[k]) for k in unet)
+
+    def manifest(self) -> dict:
+        return json.loads((self.cache / "manifest.json").read_text())
+
+    def series(self, key: str = "loss") -> list[float]:
+        return [r[key] for r in self.records if key in r]
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def option_run(config: TrainConfig) -> OptionRun:
+    """Train with `config`, keeping what `train`'s modules log at INFO."""
+    logger, handler = logging.getLogger("train"), _Lines()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        result = train(config)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    weights = load_adapter_weights(result.run_dir / "final" / "pytorch_lora_weights.safetensors")
+    (cache,) = Path(config.cache_dir).iterdir()
+    records = read_metrics(config.run_dir())
+    return OptionRun(result, weights, records, cache, "\n".join(handler.lines))
+
+
+@pytest.fixture(scope="module")
+def default_run(tiny_base, options_data, tmp_path_factory):
+    """The options test's run with every option at its default."""
+    tmp = tmp_path_factory.mktemp("options-default")
+    return option_run(options_config(options_data, tmp, name="options-default"))
+
+
+def check_te_lora(run: OptionRun, default: OptionRun) -> None:
+    assert {k.split(".", 1)[0] for k in run.weights} == {"unet", "text_encoder", "text_encoder_2"}
+    for encoder in ("text_encoder", "text_encoder_2"):
+        ups = [v for k, v in run.weights.items() if k.startswith(f"{encoder}.") and "lora_B" in k]
+        assert any(v.abs().max() > 0 for v in ups), encoder  # B starts at 0: it was trained
+    assert run.changed_from(default)
+
+
+def check_rank(run: OptionRun, default: OptionRun) -> None:
+    downs = [v for k, v in run.weights.items() if "lora_A" in k]
+    assert downs and all(v.shape[0] == 2 for v in downs)
+    assert all(v.shape[0] == 4 for k, v in default.weights.items() if "lora_A" in k)
+
+
+def check_buckets(run: OptionRun, default: OptionRun) -> None:
+    # The wide images train at the 5:3 buckets nearest 2:1, not cropped to the square.
+    assert {tuple(b) for b in run.manifest()["buckets"]} == {(64, 64), (80, 48), (48, 80)}
+    assert {tuple(b) for b in default.manifest()["buckets"]} == {(64, 64)}
+    assert run.changed_from(default)
+
+
+def check_bf16(run: OptionRun, default: OptionRun) -> None:
+    assert run.manifest()["text_dtype"] == "torch.bfloat16"
+    assert default.manifest()["text_dtype"] == "torch.float32"
+    assert run.changed_from(default)
+
+
+def check_gradient_checkpointing(run: OptionRun, default: OptionRun) -> None:
+    blocks = "down_blocks.0, down_blocks.1, mid_block, up_blocks.0, up_blocks.1"
+    assert f"gradient checkpointing in {blocks}" in run.log
+    assert "gradient checkpointing" not in default.log
+    # Recomputing activations must not change what is learnt.
+    for key, value in default.weights.items():
+        torch.testing.assert_close(run.weights[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def check_random_crop(run: OptionRun, default: OptionRun) -> None:
+    assert run.manifest()["latents"] is False  # crops and flips are drawn every step
+    cached = [load_file(p) for p in run.cache.glob("*.safetensors")]
+    assert cached and all(set(c) == {"prompt_embeds", "pooled"} for c in cached)
+    assert all("latent" in load_file(p) for p in default.cache.glob("*.safetensors"))
+    assert run.changed_from(default)
+
+
+def check_v_prediction(run: OptionRun, default: OptionRun) -> None:
+    # The base's fixed-noise loss depends on the target only: v instead of epsilon changes it.
+    assert run.result.validation["fixed_noise_loss_base"] != pytest.approx(
+        default.result.validation["fixed_noise_loss_base"], rel=1e-3
+    )
+    assert run.changed_from(default)
+
+
+def check_schedule_and_accumulation(run: OptionRun, default: OptionRun) -> None:
+    lr = 5e-3
+    # cosine_with_restarts over 3 steps after 1 warm-up step: full, half, zero after each step.
+    assert run.series("lr") == pytest.approx([lr, lr / 2, 0.0], abs=1e-12)
+    assert default.series("lr") == pytest.approx([lr, lr, lr])
+    # Two micro-batches of 4 images a step.
+    assert all(r["images_s"] == pytest.approx(8 * r["it_s"]) for r in run.records if "it_s" in r)
+    assert run.changed_from(default)
+
+
+OPTIONS = {
+    "te-lora": ({"text_encoder_lora": True, "cache_text_embeddings": False}, check_te_lora),
+    "rank": ({"rank": 2, "alpha": 2.0}, check_rank),
+    "buckets": ({"bucketing": True, "bucket_step": 16}, check_buckets),
+    "bf16": ({"mixed_precision": "bf16"}, check_bf16),
+    "grad-ckpt": ({"gradient_checkpointing": True}, check_gradient_checkpointing),
+    "random-crop": ({"crop": "random", "cache_latents": False, "flip": True}, check_random_crop),
+    "v-pred": (
         {"prediction_type": "v_prediction", "snr_gamma": 5.0, "noise_offset": 0.05},
+        check_v_prediction,
+    ),
+    "accumulation": (
         {
             "lr_scheduler": "cosine_with_restarts",
             "warmup_steps": 1,
             "gradient_accumulation_steps": 2,
         },
-    ],
-    ids=["te-lora", "buckets", "bf16", "grad-ckpt", "random-crop", "v-pred", "accumulation"],
-)
-def test_training_options_run_and_store(tiny_base, sample_dir, tmp_path, changes):
-    config = config_for(
-        sample_dir, tmp_path, name="options", max_steps=3, validation_prompts=(), **changes
+        check_schedule_and_accumulation,
+    ),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_training_options_take_effect(option, tiny_base, options_data, default_run, tmp_path):
+    """Each option changes what it says it changes (and only gradient checkpointing leaves the
+    weights as the default run's), and is recorded in the stored adapter's metadata."""
+    changes, check = OPTIONS[option]
+    run = option_run(options_config(options_data, tmp_path, name="options", **changes))
+    meta = get_adapter(run.result.tag).metadata
+    assert meta["training_config"] | changes == meta["training_config"]
+    assert (meta["rank"], meta["text_encoder_lora"]) == (
+        changes.get("rank", 4),
+        changes.get("text_encoder_lora", False),
     )
-    result = train(config)
-    entry = get_adapter(result.tag)
-    assert entry.metadata["training_config"] | changes == entry.metadata["training_config"]
-    state = load_adapter_weights(weights_path(entry))
-    components = {k.split(".", 1)[0] for k in state}
-    expected = (
-        {"unet", "text_encoder", "text_encoder_2"} if changes.get("text_encoder_lora") else {"unet"}
-    )
-    assert components == expected
-    assert np.isfinite(result.final_loss)
+    assert np.isfinite(run.series()).all()
+    check(run, default_run)
 
 
 def test_text_encoder_lora_is_read_by_plain_diffusers(tiny_base, sample_dir, tmp_path):

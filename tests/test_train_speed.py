@@ -3,6 +3,8 @@ TFLOP/s / MFU in the metrics. Each test fails without the feature it names."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -11,10 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from models.flops import count_flops, unet_forward_flops, unet_inputs, unet_training_flops
 from train.checkpoint import checkpoints_dir
 from train.config import RUNTIME_ONLY, ConfigError, TrainConfig
-from train.loop import train
+from train.loop import enable_checkpointing, select_blocks, train
 from train.lora import add_lora
 from train.metrics import read_metrics
-from train.speed import checkpointed_modules, enable_checkpointing, select_blocks
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_in", "proj_in", "proj_out")
 
@@ -94,10 +95,7 @@ def test_defaults_keep_the_old_behaviour():
     config = TrainConfig(data_dir="d", name="n")
     assert (config.compile, config.checkpoint_blocks, config.peak_tflops) == ("off", ("all",), 0.0)
     # Speed options are runtime options: a run may resume with other ones.
-    faster = config.replace(
-        compile="blocks",
-        peak_tflops=989.0,
-    )
+    faster = dataclasses.replace(config, compile="blocks", peak_tflops=989.0)
     assert faster.fingerprint(exclude=RUNTIME_ONLY) == config.fingerprint(exclude=RUNTIME_ONLY)
 
 
@@ -156,6 +154,11 @@ def test_checkpointing_is_set_on_exactly_the_chosen_blocks_and_recomputes_only_t
     recomputed = recomputed_layers(unet)
     assert recomputed
     assert recomputed == {n for n in recomputed_layers(everything) if n.startswith(chosen_prefix)}
+
+
+def checkpointed_modules(unet: torch.nn.Module) -> list[str]:
+    """Names of the modules whose gradient_checkpointing flag is on."""
+    return [n for n, m in unet.named_modules() if getattr(m, "gradient_checkpointing", False)]
 
 
 def recomputed_layers(unet) -> set[str]:
@@ -227,7 +230,7 @@ def test_metrics_carry_tflops_and_mfu(tiny_base, sample_dir, tmp_path):
         assert r["mfu"] == pytest.approx(r["tflops"] / 0.001)
 
     # Without a peak, no MFU.
-    plain = train(config.replace(name="tflops-nopeak", peak_tflops=0.0, max_steps=1))
+    plain = train(dataclasses.replace(config, name="tflops-nopeak", peak_tflops=0.0, max_steps=1))
     record = [r for r in read_metrics(plain.run_dir) if "loss" in r][0]
     assert record["tflops"] > 0 and "mfu" not in record
 

@@ -12,11 +12,60 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from train.config import ConfigError, TrainConfig, field_docs, from_dict, load_yaml
+from train.config import (
+    VALIDATION_SEED,
+    ConfigError,
+    TrainConfig,
+    field_docs,
+    from_dict,
+    load_yaml,
+)
+
+if TYPE_CHECKING:
+    from train.evaluate import Evaluation
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, RuntimeError, OSError)
 """Errors that carry a message for the user (bad config, data, base, checkpoint, NaN loss)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "bentoml", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if argv[:1] == ["sample-data"]:
+        return sample_data_main(argv[1:])
+    if argv[:1] == ["evaluate"]:
+        return evaluate_main(argv[1:])
+    return train_main(argv)
+
+
+def train_main(argv: Sequence[str]) -> int:
+    try:
+        config = config_from_args(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from train.loop import train
+
+    try:
+        result = train(config)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if result.tag:
+        print(
+            f"steps {result.steps}  final loss {result.final_loss:.4f}  "
+            f"fixed-noise loss {result.validation['fixed_noise_loss_base']:.4f} -> "
+            f"{result.validation['fixed_noise_loss']:.4f}  wall {result.wall_time_s:.1f}s"
+        )
+        print(f"adapter: {result.tag}")
+    return 0
+
+
+# --- python -m train: train an adapter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,8 +114,11 @@ def config_from_args(argv: Sequence[str]) -> TrainConfig:
     return from_dict(values, source=path or "command line")
 
 
+# --- python -m train sample-data
+
+
 def sample_data_main(argv: Sequence[str]) -> int:
-    from train.sample_data import write_sample_dataset
+    from train.sample_data import LAYOUTS, write_sample_dataset
 
     parser = argparse.ArgumentParser(
         prog="python -m train sample-data", description="Write the generated sample dataset."
@@ -74,7 +126,7 @@ def sample_data_main(argv: Sequence[str]) -> int:
     parser.add_argument("dir")
     parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--layout", choices=("captions", "jsonl", "csv"), default="captions")
+    parser.add_argument("--layout", choices=LAYOUTS, default="captions")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = write_sample_dataset(
@@ -84,37 +136,156 @@ def sample_data_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "bentoml", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if argv[:1] == ["sample-data"]:
-        return sample_data_main(argv[1:])
-    if argv[:1] == ["evaluate"]:
-        from train.evaluate_cli import evaluate_main
+# --- python -m train evaluate
 
-        return evaluate_main(argv[1:])
-    try:
-        config = config_from_args(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from train.loop import train
 
+def build_evaluate_parser() -> argparse.ArgumentParser:
+    from models.quality import HIGHER_IS_BETTER
+    from train.evaluate import DEFAULT_CLIP, DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m train evaluate",
+        description="Render fixed seeds with the base, the adapter and the adapter's production "
+        "version (if any), score them, write the results into the adapter version's metadata "
+        "(`evaluation`) and into --out. fid_clip/kid_clip are FID/KID on CLIP image features and "
+        "lpips_clip is an unlearned LPIPS on CLIP hidden states (no Inception or LPIPS weights "
+        "here): compare them between runs of this tool, not with published numbers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    arg = parser.add_argument
+    arg("--adapter", required=True, help="adapter to evaluate: lora-NAME or lora-NAME:VERSION")
+    arg(
+        "--prompts",
+        required=True,
+        help='.txt (a prompt a line; # comments) or .jsonl ({"prompt": ..., "image": optional '
+        "reference image, relative to the file}: rows with an image give ssim and lpips_clip)",
+    )
+    arg(
+        "--clip",
+        default="",
+        help=f"CLIP store tag for the metrics (default: the adapter's validation_clip, else "
+        f"{DEFAULT_CLIP})",
+    )
+    arg("--reference", default="", help="folder of real images: gives fid_clip and kid_clip")
+    arg("--seeds-per-prompt", type=int, default=1, help="images per prompt, each its own seed")
+    arg(
+        "--seed",
+        type=int,
+        default=VALIDATION_SEED,
+        help="first seed; image j of prompt i uses seed + j × prompts + i",
+    )
+    arg("--size", type=int, default=0, help="image side (default: the training resolution)")
+    arg(
+        "--steps",
+        type=int,
+        default=0,
+        help=f"denoising steps (default: the training validation steps, else {DEFAULT_STEPS})",
+    )
+    arg(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"guidance scale (default: the training validation guidance, else {DEFAULT_GUIDANCE})",
+    )
+    arg("--scale", type=float, default=1.0, help="LoRA scale of the adapter and production")
+    arg(
+        "--metric",
+        choices=tuple(HIGHER_IS_BETTER),
+        default="clip_score",
+        help="what --promote judges by (higher is better for clip_score and ssim, lower for "
+        "the others)",
+    )
+    arg(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="--promote needs the adapter to beat its reference by more than this",
+    )
+    arg(
+        "--promote",
+        action="store_true",
+        help="label the adapter stage=production if it beats the current production version "
+        "(else the base) on --metric by --margin; the previous production becomes stage=archived",
+    )
+    arg("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    arg(
+        "--dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        default="auto",
+        help="weights dtype (auto: bfloat16 on cuda, float32 on cpu)",
+    )
+    arg(
+        "--out",
+        default="",
+        help="folder for images and results.json (default: runs/evaluate/<adapter>-<version>)",
+    )
+    return parser
+
+
+def evaluate_main(argv: Sequence[str]) -> int:
+    from train.evaluate import EvalOptions, evaluate, plan
+
+    args = build_evaluate_parser().parse_args(argv)
+    options = EvalOptions(**vars(args))
     try:
-        result = train(config)
+        planned = plan(options)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if result.tag:
-        print(
-            f"steps {result.steps}  final loss {result.final_loss:.4f}  "
-            f"fixed-noise loss {result.validation['fixed_noise_loss_base']:.4f} -> "
-            f"{result.validation['fixed_noise_loss']:.4f}  wall {result.wall_time_s:.1f}s"
-        )
-        print(f"adapter: {result.tag}")
+    print(
+        f"evaluating {planned.adapter.tag} on base {planned.base.tag}"
+        + (f" against production {planned.production.tag}" if planned.production else "")
+        + f": {len(planned.rows)} prompts × {options.seeds_per_prompt} seeds, "
+        f"{planned.size}px, {planned.steps} steps, guidance {planned.guidance:g}, "
+        f"CLIP {planned.clip}, {planned.device}"
+    )
+    try:
+        result = evaluate(planned)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(table(result))
+    print(f"images and results: {result.results_path.parent}")
+    print(f"evaluation written to the metadata of {planned.adapter.tag}")
+    if result.decision is not None:
+        if result.decision.promote:
+            archived = ", ".join(result.archived) or "none"
+            print(
+                f"gate: PROMOTED {planned.adapter.tag} to stage=production (archived: {archived})"
+            )
+        else:
+            print(f"gate: NOT PROMOTED {planned.adapter.tag}")
+        print(f"gate: {result.decision.reason}")
     return 0
+
+
+def table(result: Evaluation) -> str:
+    """metric | base | adapter | (production) | better? (adapter vs the reference variant).
+    A value with a spread is shown as mean±std (over images for CLIP score, subsets for KID)."""
+    from models.quality import HIGHER_IS_BETTER
+    from train.evaluate import better
+
+    labels = [label for label in ("base", "adapter", "production") if label in result.results]
+    reference = result.reference_variant
+    header = ["metric", *labels, f"better than {reference}?"]
+    rows = [header]
+    for metric in result.plan.metrics:
+        cells = [_cell(result.results[label], metric) for label in labels]
+        direction = "higher" if HIGHER_IS_BETTER[metric] else "lower"
+        verdict = better(
+            metric, result.results["adapter"][metric], result.results[reference][metric]
+        )
+        rows.append([f"{metric} ({direction})", *cells, "yes" if verdict else "no"])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _cell(values: dict, metric: str) -> str:
+    std = values.get(f"{metric}_std")
+    return f"{values[metric]:.4f}" + (f"±{std:.4f}" if std else "")
 
 
 if __name__ == "__main__":

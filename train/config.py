@@ -34,6 +34,9 @@ CROPS = ("center", "random")
 ATTENTION = ("sdpa", "xformers")
 CHECKPOINT_BLOCK = re.compile(r"all|mid_block|(down|up)_blocks(\.\d+)?")
 """A checkpoint_blocks entry: a UNet block's module name, one side of the UNet, or all."""
+VALIDATION_SEED = 1234
+"""Validation image i of a run is drawn from seed VALIDATION_SEED + i (every validation, so the
+images compare across steps); `python -m train evaluate` starts from the same seed."""
 
 
 class ConfigError(ValueError):
@@ -202,7 +205,14 @@ class TrainConfig:
             if not ok:
                 yield f"{f.name}: {value!r} is not {want}"
 
-    def _problems(self):  # noqa: C901 - a flat list of independent checks reads best
+    def _problems(self):
+        yield from self._missing_problems()
+        yield from self._choice_problems()
+        yield from self._count_problems()
+        yield from self._value_problems()
+        yield from self._speed_problems()
+
+    def _missing_problems(self):
         if not self.data_dir:
             yield "data_dir: required (a folder of images with captions)"
         if not self.name:
@@ -212,10 +222,10 @@ class TrainConfig:
 
             if not NAME_PATTERN.match(self.name):
                 yield f"name: {self.name!r} is not allowed; use {NAME_RULE}"
-        if self.resolution <= 0 or self.resolution % 8:
-            yield f"resolution: {self.resolution} must be a positive multiple of 8"
-        if self.bucket_step <= 0 or self.bucket_step % 8:
-            yield f"bucket_step: {self.bucket_step} must be a positive multiple of 8"
+        if not self.target_modules:
+            yield "target_modules: at least one layer name"
+
+    def _choice_problems(self):
         for key, value, allowed in (
             ("crop", self.crop, CROPS),
             ("lr_scheduler", self.lr_scheduler, SCHEDULERS),
@@ -231,6 +241,11 @@ class TrainConfig:
             yield "crop: random needs cache_latents: false (cached latents fix the crop)"
         if self.text_encoder_lora and self.cache_text_embeddings:
             yield "text_encoder_lora: needs cache_text_embeddings: false (trained encoders change the embeddings)"
+
+    def _count_problems(self):
+        for key in ("resolution", "bucket_step"):
+            if getattr(self, key) <= 0 or getattr(self, key) % 8:
+                yield f"{key}: {getattr(self, key)} must be a positive multiple of 8"
         for key in (
             "rank",
             "batch_size",
@@ -245,6 +260,13 @@ class TrainConfig:
         for key in ("max_steps", "warmup_steps", "checkpoint_every", "validation_every", "seed"):
             if getattr(self, key) < 0:
                 yield f"{key}: {getattr(self, key)} must be 0 or more"
+        if self.checkpoint_every and self.keep_checkpoints < 2:
+            yield f"keep_checkpoints: {self.keep_checkpoints} must be at least 2 (a crash mid-write must leave one)"
+
+    def _value_problems(self):
+        for key in ("snr_gamma", "noise_offset", "max_grad_norm", "weight_decay", "adam_epsilon"):
+            if not getattr(self, key) >= 0:
+                yield f"{key}: {getattr(self, key)} must be 0 or more"
         if self.alpha <= 0:
             yield f"alpha: {self.alpha} must be positive"
         if not 0 <= self.dropout < 1:
@@ -253,11 +275,8 @@ class TrainConfig:
             yield f"learning_rate: {self.learning_rate} must be positive"
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             yield "adam_beta1, adam_beta2: must be in [0, 1)"
-        for key in ("snr_gamma", "noise_offset", "max_grad_norm", "weight_decay", "adam_epsilon"):
-            if not getattr(self, key) >= 0:
-                yield f"{key}: {getattr(self, key)} must be 0 or more"
-        if not self.target_modules:
-            yield "target_modules: at least one layer name"
+
+    def _speed_problems(self):
         if not self.checkpoint_blocks:
             yield "checkpoint_blocks: at least one block (or all)"
         bad = [b for b in self.checkpoint_blocks if not CHECKPOINT_BLOCK.fullmatch(b)]
@@ -270,15 +289,10 @@ class TrainConfig:
             yield "checkpoint_blocks: needs gradient_checkpointing: true"
         if not self.peak_tflops >= 0:
             yield f"peak_tflops: {self.peak_tflops} must be 0 (unknown) or more"
-        if self.checkpoint_every and self.keep_checkpoints < 2:
-            yield f"keep_checkpoints: {self.keep_checkpoints} must be at least 2 (a crash mid-write must leave one)"
 
     # --- derived values
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
-
-    def lora_scale(self) -> float:
-        return self.alpha / self.rank
 
     def total_steps(self, examples: int, world_size: int = 1) -> int:
         """Optimizer steps for the run: max_steps, or epochs over `examples` split across devices."""
@@ -295,10 +309,6 @@ class TrainConfig:
         """Hash of the settings that shape the result (resuming checks it)."""
         data = {k: v for k, v in self.to_dict().items() if k not in exclude}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A new config with `changes` applied and checked."""
-        return from_dict({**self.to_dict(), **changes})
 
 
 RUNTIME_ONLY = (
@@ -320,13 +330,9 @@ result. (So would gradient_checkpointing; it stays in the fingerprint so that ch
 before these fields existed still resume.)"""
 
 
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
-
-
 def from_dict(data: dict[str, Any], *, source: str = "config") -> TrainConfig:
     """Build a config from a mapping, refusing unknown keys with a suggestion."""
-    known = field_names()
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
     unknown = [k for k in data if k not in known]
     if unknown:
         hints = []
@@ -379,4 +385,12 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-__all__ = ["ConfigError", "TrainConfig", "field_docs", "from_dict", "load_yaml", "RUNTIME_ONLY"]
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "field_docs",
+    "from_dict",
+    "load_yaml",
+    "RUNTIME_ONLY",
+    "VALIDATION_SEED",
+]

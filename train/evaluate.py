@@ -3,13 +3,21 @@ version, score the images (models.quality), record the results, and apply the qu
 
 Everything that can be wrong with the inputs is found by `plan` before any image is generated;
 the store is written (evaluation metadata, then stage labels) only after every image is scored.
+
+What an evaluation reads: a prompts file, `.txt` (one prompt a line, blank lines and lines
+starting with `#` ignored) or `.jsonl` (one object a line: `{"prompt": "...", "image":
+"optional/path.png"}`, the image path relative to the file's folder); rows with an image are
+compared with it pixel by pixel (SSIM, lpips_clip). A reference folder holds real images that the
+generated set is compared with as a distribution (fid_clip, kid_clip).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,21 +46,31 @@ from models.quality import (
 )
 from models.stages import production_versions, promote
 from models.store import StoreEntry, get_entry, update_entry
-from train.eval_inputs import (
-    EvaluationInputError,
-    PromptRow,
-    open_image,
-    read_prompts,
-    read_reference_dir,
-)
-from train.gate import Decision, decide
-from train.validation import VALIDATION_SEED
+from train.config import VALIDATION_SEED
+from train.data import IMAGE_SUFFIXES, to_rgb
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CLIP = "clip-tiny"
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 5.0
+
+
+class EvaluationInputError(ValueError):
+    """A prompts file, reference image or reference folder cannot be used; says which and why."""
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    prompt: str
+    reference: Path | None = None
+    """A real image for this prompt, compared pairwise with what is generated from it."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
 
 
 @dataclass
@@ -352,3 +370,117 @@ def _summary(record: dict) -> dict:
         for label, values in record["results"].items()
     }
     return summary
+
+
+# --- the inputs: prompts, reference images
+
+
+def read_prompts(path: str | Path) -> list[PromptRow]:
+    """The rows of a `.txt` or `.jsonl` prompts file; at least one, else EvaluationInputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationInputError(f"prompts file {path}: no such file")
+    if path.suffix.lower() not in (".txt", ".jsonl"):
+        raise EvaluationInputError(
+            f"prompts file {path}: use .txt (one prompt a line) or .jsonl "
+            '({"prompt": ..., "image": optional path})'
+        )
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise EvaluationInputError(f"prompts file {path}: does not read as UTF-8 ({err})") from err
+    if path.suffix.lower() == ".txt":
+        rows = [PromptRow(s) for line in lines if (s := line.strip()) and not s.startswith("#")]
+    else:
+        rows = [
+            _jsonl_row(path, number, line)
+            for number, line in enumerate(lines, start=1)
+            if line.strip()
+        ]
+    if not rows:
+        raise EvaluationInputError(f"prompts file {path} holds no prompts")
+    return rows
+
+
+def _jsonl_row(path: Path, number: int, line: str) -> PromptRow:
+    where = f"prompts file {path}, line {number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise EvaluationInputError(f"{where}: not JSON ({err})") from err
+    if not isinstance(row, dict):
+        raise EvaluationInputError(f'{where}: expected an object like {{"prompt": "..."}}')
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise EvaluationInputError(f'{where}: "prompt" must be a non-empty string')
+    image = row.get("image")
+    if image is None or image == "":
+        return PromptRow(prompt.strip())
+    if not isinstance(image, str):
+        raise EvaluationInputError(f'{where}: "image" must be a path relative to {path.parent}')
+    reference = (path.parent / image).resolve()
+    if not reference.is_file():
+        raise EvaluationInputError(f"{where}: reference image {reference}: no such file")
+    return PromptRow(prompt.strip(), reference)
+
+
+def open_image(path: Path) -> Image.Image:
+    """Decode `path` fully into 8-bit RGB, or raise EvaluationInputError naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise EvaluationInputError(f"image {path}: too large ({err})") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise EvaluationInputError(f"image {path}: not a readable image ({err})") from err
+
+
+def read_reference_dir(path: str | Path) -> list[Image.Image]:
+    """Every image directly in folder `path` (sorted by name), decoded; at least 2 (FID needs a
+    covariance), else EvaluationInputError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EvaluationInputError(f"reference folder {path}: no such folder")
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+    if len(files) < 2:
+        raise EvaluationInputError(
+            f"reference folder {path}: {len(files)} images with suffixes "
+            f"{', '.join(IMAGE_SUFFIXES)}; fid_clip and kid_clip need at least 2"
+        )
+    return [open_image(p) for p in files]
+
+
+# --- the quality gate: does a candidate beat its reference on one metric by a margin?
+
+
+def gain(metric: str, candidate: float, reference: float) -> float:
+    """How much better `candidate` is than `reference` on `metric` (negative: worse)."""
+    return candidate - reference if HIGHER_IS_BETTER[metric] else reference - candidate
+
+
+def better(metric: str, candidate: float, reference: float) -> bool:
+    return gain(metric, candidate, reference) > 0
+
+
+def decide(
+    metric: str, candidate: float, reference: float, *, margin: float, reference_name: str
+) -> Decision:
+    """Promote only when the candidate improves on the reference by more than `margin`."""
+    direction = "higher" if HIGHER_IS_BETTER[metric] else "lower"
+    improvement = gain(metric, candidate, reference)
+    facts = (
+        f"{metric} {candidate:.4f} vs {reference:.4f} for {reference_name} "
+        f"({direction} is better): improvement {improvement:+.4f}"
+    )
+    if not math.isfinite(improvement):
+        return Decision(False, f"{facts} is not a number")
+    if improvement > margin:
+        return Decision(True, f"{facts} > margin {margin:g}")
+    return Decision(False, f"{facts} is not more than margin {margin:g}")

@@ -1,4 +1,13 @@
-"""The training loop: from a config to an adapter in the model store. Reads top to bottom."""
+"""The training loop: from a config to an adapter in the model store. Reads top to bottom.
+
+`train` is the whole run: `setup` builds everything the loop needs (accelerator, data and its
+cached encodings, the base with LoRA layers, optimizer, schedule, the checkpoint to resume from,
+the metrics log), `validate` scores the base, `fit` runs the optimizer steps (checkpointing and
+validating on the way), `validate` scores the result and `store` puts the adapter into the model
+store and writes the report. Below them: the UNet's speed options (selective gradient
+checkpointing, eager validation) and the two validation measures (a fixed-noise loss, images
+from fixed seeds).
+"""
 
 from __future__ import annotations
 
@@ -14,42 +23,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from peft import LoraConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
-from models.adapter import (
-    AdapterError,
-    AdapterInfo,
-    check_finite,
-    save_adapter,
-    write_lora_file,
-)
+from models.adapter import AdapterError, AdapterInfo, check_finite, save_adapter, write_lora_file
 from models.bases import get_base
 from models.clip import ClipScorer
 from models.flops import unet_training_flops
 from models.loading import load_pipeline
-from models.store import StoreError
-from train.cache import ExampleCache, cache_key
-from train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from train.config import RUNTIME_ONLY, TrainConfig
-from train.dataset import scan_dataset
-from train.features import Features
+from models.pipeline_speed import compile_unet
+from models.store import StoreEntry, StoreError
+from train.batches import Batch, Batches, BatchSchedule, open_cache
+from train.checkpoint import Checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from train.config import RUNTIME_ONLY, VALIDATION_SEED, TrainConfig
+from train.data import DatasetScan, example_buckets, scan_dataset
 from train.lora import add_lora, diffusers_layers, load_trainable_state, trainable_state
+from train.loss import denoising_loss
 from train.metrics import MetricsLog
 from train.optim import make_lr_schedule, make_optimizer
-from train.preprocess import Bucket, choose_bucket, make_buckets
 from train.report import write_report
-from train.schedule import BatchSchedule
-from train.speed import compile_unet, eager, enable_checkpointing
-from train.step import denoising_loss
-from train.validation import fixed_noise_loss, render_images
 
 log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FIXED_TIMESTEPS = (100, 300, 500, 700, 900)
+"""The fixed-noise loss averages these timesteps, so a change in it is the model's, not chance's."""
 
 
 class TrainingError(RuntimeError):
@@ -65,6 +68,554 @@ class TrainResult:
     validation: dict
     wall_time_s: float
     run_dir: Path
+
+
+@dataclass
+class Run:
+    """One run's objects, built by `setup`, used by `fit`, `validate` and `store`."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    dtype: torch.dtype
+    """Of the frozen weights (mixed_precision); LoRA weights and the optimizer stay float32."""
+    base: StoreEntry
+    scan: DatasetScan
+    pipe: StableDiffusionXLPipeline
+    noise_scheduler: DDPMScheduler
+    prediction_type: str
+    batches: Batches
+    schedule: BatchSchedule
+    validation_batches: list[Batch]
+    """The first examples with their noise drawn once: the fixed-noise loss's data."""
+    offloaded: list[torch.nn.Module]
+    """Encoders the cache made unnecessary: on the CPU, on the device only to render images."""
+    lora_config: dict[str, LoraConfig]
+    trained: dict[str, torch.nn.Module]
+    """The components with LoRA layers: unet, and both text encoders with text_encoder_lora."""
+    params: list[torch.nn.Parameter]
+    """The LoRA parameters, what the optimizer updates."""
+    unet: torch.nn.Module
+    """`pipe.unet` wrapped by accelerate for data parallelism."""
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    checkpoint: Checkpoint | None
+    """The checkpoint to resume from; `fit` starts at its step."""
+    scorer: ClipScorer | None
+    metrics: MetricsLog | None
+    """On the main process only."""
+    step_flops: float = 0.0
+
+    @property
+    def start_step(self) -> int:
+        return self.checkpoint.step if self.checkpoint is not None else 0
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train an adapter as `config` says and store it: one run, top to bottom."""
+    started = time.time()
+    run = setup(config)
+    base_loss = validate(run, step=0)  # before resuming: LoRA layers start as the identity
+    if run.checkpoint is not None:
+        resume(run)
+    loss = fit(run)
+    final_loss = validate(run, step=run.total_steps)
+    validation = {"fixed_noise_loss": final_loss, "fixed_noise_loss_base": base_loss}
+    return store(run, loss, validation, wall=time.time() - started)
+
+
+# --- setup
+
+
+def setup(config: TrainConfig) -> Run:
+    """The accelerator, the data with its encodings cached, the base with LoRA layers, the
+    optimizer and schedule, the checkpoint to resume from and the metrics log."""
+    accelerator = start_accelerator(config.mixed_precision)
+    device, main = accelerator.device, accelerator.is_main_process
+    dtype = WEIGHT_DTYPES[config.mixed_precision]
+    checkpoint = read_checkpoint(config)
+    torch.manual_seed(derive_seed(config.seed, "init"))  # LoRA initialisation
+
+    base = get_base(config.base)
+    scan = scan_dataset(
+        config.data_dir, caption_column=config.caption_column, image_column=config.image_column
+    )
+    buckets = example_buckets(scan.examples, config)
+    log.info(
+        "%d examples (%d skipped) in %d buckets",
+        len(scan.examples),
+        len(scan.skipped),
+        len(set(buckets)),
+    )
+    pipe = load_pipeline(f"store:{base.tag}", dtype=torch.float32, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    prediction_type = config.prediction_type or pipe.scheduler.config.prediction_type
+    noise_scheduler = DDPMScheduler.from_config(
+        pipe.scheduler.config, prediction_type=prediction_type
+    )
+    cache = open_cache(config, base, scan, buckets, dtype)
+    batches = Batches(pipe, scan.examples, buckets, config, cache)
+    offloaded = encode_once(batches, accelerator, dtype)
+
+    lora_config = add_trainable_layers(pipe, config, device, dtype)
+    trained = {name: getattr(pipe, name) for name in lora_config}
+    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    total_steps = config.total_steps(len(scan.examples), accelerator.num_processes)
+    optimizer = make_optimizer(config, params, device)
+    lr_schedule = make_lr_schedule(config, optimizer, total_steps)
+    # Only the UNet is wrapped for data parallelism: the pipeline calls the text encoders directly,
+    # so `fit` averages their LoRA gradients (with text_encoder_lora) itself.
+    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    scorer = None
+    if config.validation_clip and main:
+        scorer = ClipScorer.from_store(config.validation_clip, device=device)
+    metrics = None
+    if main:
+        resumed_at = checkpoint.step if checkpoint is not None else None
+        metrics = MetricsLog(config.run_dir(), config.tensorboard, resume_step=resumed_at)
+    run = Run(
+        config=config,
+        accelerator=accelerator,
+        dtype=dtype,
+        base=base,
+        scan=scan,
+        pipe=pipe,
+        noise_scheduler=noise_scheduler,
+        prediction_type=prediction_type,
+        batches=batches,
+        schedule=BatchSchedule(buckets, config.batch_size, config.seed),
+        validation_batches=validation_batches(batches, config),
+        offloaded=offloaded,
+        lora_config=lora_config,
+        trained=trained,
+        params=params,
+        unet=unet,
+        optimizer=optimizer,
+        lr_schedule=lr_schedule,
+        total_steps=total_steps,
+        checkpoint=checkpoint,
+        scorer=scorer,
+        metrics=metrics,
+    )
+    run.step_flops = count_step_flops(run)
+    return run
+
+
+def start_accelerator(mixed_precision: str) -> Accelerator:
+    """A fresh Accelerator; refuses processes that were launched together but did not form a
+    group (each would train alone on all the data and store its own adapter)."""
+    # A second run in the same process (a notebook, the tests) may ask for another precision;
+    # accelerate keeps it in a process-wide singleton, so clear that first (the process group,
+    # in PartialState, is kept).
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise TrainingError(
+            f"launched as {launched} processes but they did not form a group (world size "
+            f"{accelerator.num_processes}); on machines without GPUs set ACCELERATE_USE_CPU=1"
+        )
+    return accelerator
+
+
+def read_checkpoint(config: TrainConfig) -> Checkpoint | None:
+    """With `resume`, the checkpoint to continue from, refused if another config wrote it."""
+    if not config.resume:
+        return None
+    checkpoint = load_checkpoint(resolve_resume(config.run_dir(), config.resume))
+    if checkpoint.state.get("config_fingerprint") != config.fingerprint(exclude=RUNTIME_ONLY):
+        raise TrainingError(
+            f"{checkpoint.path} was written by a run with other settings; "
+            "resume with the same config (only output, logging and store options may change)"
+        )
+    return checkpoint
+
+
+def encode_once(
+    batches: Batches, accelerator: Accelerator, dtype: torch.dtype
+) -> list[torch.nn.Module]:
+    """Fill the disk cache with latents and caption embeddings, then move what the cache made
+    unnecessary (the VAE, the text encoders) off the accelerator; returns those modules."""
+    pipe, config, device = batches.pipe, batches.config, accelerator.device
+    pipe.text_encoder.to(device, dtype)
+    pipe.text_encoder_2.to(device, dtype)
+    pipe.vae.to(device)  # float32: SDXL's VAE overflows in half precision
+    with accelerator.main_process_first():
+        batches.fill_cache(device, show_progress=accelerator.is_local_main_process)
+    offloaded = []
+    if config.cache_latents:
+        offloaded.append(pipe.vae)
+    if config.cache_text_embeddings:
+        offloaded += [pipe.text_encoder, pipe.text_encoder_2]
+    for module in offloaded:
+        module.to("cpu")
+    return offloaded
+
+
+def add_trainable_layers(
+    pipe: StableDiffusionXLPipeline, config: TrainConfig, device: torch.device, dtype: torch.dtype
+) -> dict[str, LoraConfig]:
+    """The UNet on the device with LoRA layers (and on the text encoders with
+    text_encoder_lora), gradient checkpointing, attention backend and compilation as configured."""
+    pipe.unet.to(device, dtype)
+    lora_config = add_lora(pipe, config)
+    if config.gradient_checkpointing:
+        blocks = enable_checkpointing(pipe.unet, config.checkpoint_blocks)
+        log.info("gradient checkpointing in %s", ", ".join(blocks))
+    if config.attention == "xformers":
+        pipe.unet.enable_xformers_memory_efficient_attention()
+    # Last: it traces the LoRA layers and the flags set above.
+    if compiled := compile_unet(pipe.unet, config.compile):
+        log.info("compiled %d UNet module(s) for training (%s)", compiled, config.compile)
+    return lora_config
+
+
+def validation_batches(batches: Batches, config: TrainConfig) -> list[Batch]:
+    """The first validation_loss_examples examples, one a batch, their noise drawn once."""
+    count = min(config.validation_loss_examples, len(batches.examples))
+    return [
+        batches.batch(
+            [i], torch.Generator().manual_seed(derive_seed(config.seed, "val", i)), random.Random(i)
+        )
+        for i in range(count)
+    ]
+
+
+def count_step_flops(run: Run) -> float:
+    """FLOPs of one optimizer step on this process, for TFLOP/s and MFU: counted once, at the
+    first batch's shape (buckets differ in shape but hold about the same number of pixels)."""
+    config, accelerator, pipe = run.config, run.accelerator, run.pipe
+    accum = config.gradient_accumulation_steps
+    first = run.schedule.batch(
+        run.start_step * accum * accelerator.num_processes + accelerator.process_index
+    )[1]
+    bucket = run.batches.buckets[first[0]]
+    flops = unet_training_flops(
+        pipe.unet,
+        batch=len(first),
+        height=bucket.height // pipe.vae_scale_factor,
+        width=bucket.width // pipe.vae_scale_factor,
+        text_tokens=pipe.tokenizer.model_max_length,
+    )
+    step_flops = flops["step"] * accum
+    log.info(
+        "%.3g TFLOP per optimizer step (UNet forward %.3g + backward %.3g per micro-batch)",
+        step_flops / 1e12,
+        flops["forward"] / 1e12,
+        flops["backward"] / 1e12,
+    )
+    if run.metrics is not None and run.start_step == 0:  # a resumed log keeps the first run's
+        run.metrics.write({"step": 0, "flops_per_step": step_flops})
+    return step_flops
+
+
+def resume(run: Run) -> None:
+    """The checkpoint's LoRA weights, optimizer and schedule state: `fit` goes on from its step."""
+    checkpoint = run.checkpoint
+    load_trainable_state(run.trained, checkpoint.trainable)
+    run.optimizer.load_state_dict(checkpoint.optimizer)
+    run.lr_schedule.load_state_dict(checkpoint.lr_scheduler)
+    log.info("resumed from %s at step %d", checkpoint.path, checkpoint.step)
+
+
+# --- fit
+
+
+def fit(run: Run) -> float:
+    """The optimizer steps from `run.start_step` to the end; returns the last step's loss.
+
+    Micro-batch `index` of the run is a pure function of (seed, index): the schedule picks its
+    examples, and its noise, augmentation and LoRA dropout come from seeds derived from the
+    index, so a resumed run computes exactly the steps an uninterrupted one would and each
+    process of a data-parallel run takes its own share.
+    """
+    config, accelerator, total = run.config, run.accelerator, run.total_steps
+    accum, world = config.gradient_accumulation_steps, accelerator.num_processes
+    progress = tqdm(
+        total=total,
+        initial=run.start_step,
+        desc="training",
+        disable=not accelerator.is_local_main_process,
+    )
+    loss = float("nan")
+    for step in range(run.start_step, total):
+        started = time.time()
+        micro_losses = []
+        for micro in range(accum):
+            index = (step * accum + micro) * world + accelerator.process_index
+            epoch, examples = run.schedule.batch(index)
+            generator = torch.Generator().manual_seed(derive_seed(config.seed, "noise", index))
+            torch.manual_seed(derive_seed(config.seed, "dropout", index))
+            augment = random.Random(derive_seed(config.seed, "aug", index))
+            batch = run.batches.batch(examples, generator, augment)
+            # Gradients are summed locally and synchronised once, at the step's last micro-batch.
+            last = micro == accum - 1
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(run.unet)
+            with sync, accelerator.autocast():
+                micro_loss = denoising_loss(
+                    run.pipe,
+                    run.unet,
+                    run.noise_scheduler,
+                    batch,
+                    generator=generator,
+                    prediction_type=run.prediction_type,
+                    snr_gamma=config.snr_gamma,
+                    noise_offset=config.noise_offset,
+                    device=accelerator.device,
+                    dtype=run.dtype,
+                )
+                accelerator.backward(micro_loss / accum)
+            micro_losses.append(micro_loss.detach())
+        if world > 1:
+            average_encoder_gradients(run)
+        loss = accelerator.gather(torch.stack(micro_losses).mean()[None]).mean().item()
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss} at step {step + 1} (epoch {epoch}); stopping. Lower "
+                "learning_rate, use bf16 instead of fp16, or check the data; nothing was stored"
+            )
+        grad_norm = float("nan")
+        if config.max_grad_norm:
+            grad_norm = float(accelerator.clip_grad_norm_(run.params, config.max_grad_norm))
+        run.optimizer.step()
+        run.lr_schedule.step()
+        run.optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        # A step's time is its own: not the checkpoint or validation after it.
+        log_step(run, progress, done, epoch, loss, grad_norm, seconds=time.time() - started)
+        if due(config.checkpoint_every, done, total):
+            checkpoint(run, done, loss)
+        if due(config.validation_every, done, total):
+            validate(run, done)
+    progress.close()
+    return loss
+
+
+def due(every: int, step: int, total: int) -> bool:
+    """Whether a periodic checkpoint or validation falls on `step` (the last step has its own)."""
+    return bool(every) and step % every == 0 and step < total
+
+
+def average_encoder_gradients(run: Run) -> None:
+    """Mean of the text encoders' LoRA gradients across processes (accelerate only wraps the
+    UNet, so only its gradients are synchronised by the backward pass)."""
+    for name, module in run.trained.items():
+        if name == "unet":
+            continue
+        for param in module.parameters():
+            if param.requires_grad:
+                param.grad = run.accelerator.reduce(param.grad, reduction="mean")
+
+
+def log_step(
+    run: Run,
+    progress: tqdm,
+    step: int,
+    epoch: int,
+    loss: float,
+    grad_norm: float,
+    *,
+    seconds: float,
+) -> None:
+    """Loss, learning rate, it/s, TFLOP/s and MFU in the progress bar; those and images/s, the
+    gradient norm and peak memory in the metrics, every log_every steps and at the end."""
+    config = run.config
+    it_s = 1.0 / max(seconds, 1e-9)
+    speed = {"tflops": run.step_flops * it_s / 1e12}
+    if config.peak_tflops:
+        speed["mfu"] = speed["tflops"] / config.peak_tflops
+    lr = run.lr_schedule.get_last_lr()[0]
+    shown = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "it_s": f"{it_s:.2f}"}
+    shown["tflops"] = f"{speed['tflops']:.3g}"
+    if "mfu" in speed:
+        shown["mfu"] = f"{speed['mfu']:.1%}"
+    progress.update(1)
+    progress.set_postfix(shown)
+    if run.metrics is None or (step % config.log_every and step != run.total_steps):
+        return
+    images_per_step = (
+        config.batch_size * config.gradient_accumulation_steps * run.accelerator.num_processes
+    )
+    run.metrics.write(
+        {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "it_s": it_s,
+            "images_s": it_s * images_per_step,
+            **speed,
+            "peak_memory_gb": peak_memory_gb(run.accelerator.device),
+        }
+    )
+
+
+def checkpoint(run: Run, step: int, loss: float) -> None:
+    """A resumable checkpoint of `step`, written by the main process once the weights are
+    known to be finite (a broken state must not become the one `--resume latest` picks)."""
+    trainable = trainable_state(run.trained)
+    check_weights_finite(trainable, step)
+    if run.accelerator.is_main_process:
+        config = run.config
+        save_checkpoint(
+            config.run_dir(),
+            step,
+            trainable,
+            run.optimizer.state_dict(),
+            run.lr_schedule.state_dict(),
+            {"config_fingerprint": config.fingerprint(exclude=RUNTIME_ONLY), "loss": loss},
+            config.keep_checkpoints,
+        )
+    run.accelerator.wait_for_everyone()
+
+
+# --- validate
+
+
+def validate(run: Run, step: int) -> float:
+    """The fixed-noise loss at `step` and, with validation_prompts, the validation images of
+    `step` with their CLIP score, into the metrics; returns the loss.
+
+    At step 0 this is the base (LoRA layers start as the identity). A resumed run computes it
+    again, for the adapter's metadata, but its log and images already hold it.
+    """
+    loss = fixed_noise_loss(run)
+    if step == 0 and run.start_step:
+        return loss
+    if run.metrics is not None:
+        run.metrics.write({"step": step, "validation_loss": loss})
+    if run.config.validation_prompts and run.accelerator.is_main_process:
+        paths = render(run, step)
+        if run.scorer is not None:
+            images = [Image.open(p) for p in paths]
+            scores = run.scorer.clip_scores(images, run.config.validation_prompts).diagonal()
+            run.metrics.write({"step": step, "clip_score": float(scores.mean())})
+    return loss
+
+
+@torch.no_grad()
+def fixed_noise_loss(run: Run) -> float:
+    """Mean denoising loss over the validation batches at FIXED_TIMESTEPS, the noise drawn from
+    VALIDATION_SEED, without min-SNR weights or offset noise: the same numbers every time."""
+    total, count = 0.0, 0
+    generator = torch.Generator().manual_seed(VALIDATION_SEED)
+    with eager():
+        for batch in run.validation_batches:
+            for t in FIXED_TIMESTEPS:
+                timesteps = torch.full((batch.latents.shape[0],), t, dtype=torch.long)
+                loss = denoising_loss(
+                    run.pipe,
+                    run.pipe.unet,
+                    run.noise_scheduler,
+                    batch,
+                    generator=generator,
+                    prediction_type=run.prediction_type,
+                    snr_gamma=0.0,
+                    noise_offset=0.0,
+                    device=run.accelerator.device,
+                    dtype=run.dtype,
+                    timesteps=timesteps,
+                )
+                total += float(loss)
+                count += 1
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def render(run: Run, step: int) -> list[Path]:
+    """Each validation prompt i from seed VALIDATION_SEED + i (the same every validation) into
+    `validation/step-<step>/<i>.png`; the offloaded encoders come back for it."""
+    config, device = run.config, run.accelerator.device
+    out_dir = config.run_dir() / "validation" / f"step-{step:08d}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for module in run.offloaded:
+        module.to(device)
+    paths = []
+    with eager():
+        for i, prompt in enumerate(config.validation_prompts):
+            image = run.pipe(
+                prompt,
+                height=config.resolution,
+                width=config.resolution,
+                num_inference_steps=config.validation_inference_steps,
+                guidance_scale=config.validation_guidance,
+                generator=torch.Generator("cpu").manual_seed(VALIDATION_SEED + i),
+            ).images[0]
+            paths.append(out_dir / f"{i:02d}.png")
+            image.save(paths[-1])
+    for module in run.offloaded:
+        module.to("cpu")
+    return paths
+
+
+# --- store
+
+
+def store(run: Run, loss: float, validation: dict, *, wall: float) -> TrainResult:
+    """Check the LoRA weights, write them to `final/`, store the adapter, write the report."""
+    config, accelerator, total = run.config, run.accelerator, run.total_steps
+    if run.metrics is not None:
+        run.metrics.write({"step": total, "wall_time_s": wall})
+        run.metrics.close()
+    layers = diffusers_layers(run.trained)
+    for component, tensors in layers.items():
+        check_weights_finite({f"{component}.{k}": v for k, v in tensors.items()}, total)
+    lora_dicts = {k: v.to_dict() for k, v in run.lora_config.items()}
+    tag = None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # Written before storing, so the trained weights survive a store that cannot take them
+        # (a full disk), and a run with `store` off still leaves its result: diffusers'
+        # `load_lora_weights` reads the folder as is.
+        kept = write_lora_file(config.run_dir() / "final", layers, lora_dicts)
+        if config.store:
+            info = adapter_info(run, loss, validation, wall)
+            try:
+                tag = save_adapter(config.name, layers, info, lora_config=lora_dicts).tag
+            except StoreError as err:
+                raise TrainingError(f"{err}. The trained weights are kept in {kept}") from err
+        write_report(
+            config.run_dir(),
+            config=config.to_dict(),
+            dataset=run.scan.summary(),
+            summary={
+                "adapter": tag or "(not stored)",
+                "steps": total,
+                "final_loss": loss,
+                **validation,
+                "wall_time_s": round(wall, 2),
+                "weights": str(kept),
+            },
+            prompts=config.validation_prompts,
+        )
+    accelerator.wait_for_everyone()
+    return TrainResult(tag, total, loss, validation, wall, config.run_dir())
+
+
+def adapter_info(run: Run, loss: float, validation: dict, wall: float) -> AdapterInfo:
+    """The adapter's metadata in the store: its base, LoRA settings, config, data and results."""
+    config = run.config
+    return AdapterInfo(
+        base_tag=run.base.tag,
+        base_hash=run.base.metadata["content_hash"],
+        rank=config.rank,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        text_encoder_lora=config.text_encoder_lora,
+        training_config=config.to_dict(),
+        dataset=run.scan.summary(),
+        steps=run.total_steps,
+        final_loss=loss,
+        validation=validation,
+        wall_time_s=round(wall, 2),
+        processes=run.accelerator.num_processes,
+    )
+
+
+# --- small parts
 
 
 def derive_seed(*parts: object) -> int:
@@ -92,384 +643,64 @@ def check_weights_finite(tensors: dict[str, torch.Tensor], step: int) -> None:
         ) from err
 
 
-def write_final_weights(run_dir: Path, layers: dict, lora_config: dict) -> Path:
-    """Write the adapter file into `<run_dir>/final` (diffusers' format, as in the store).
+# --- the UNet's speed options
 
-    Written before storing, so the trained weights survive a store that cannot take them (a full
-    disk), and a run with `store` off still leaves its result: `load_lora_weights` reads the
-    folder as is.
+
+def unet_blocks(unet: UNet2DConditionModel) -> dict[str, torch.nn.Module]:
+    """The UNet's down, mid and up blocks by module name (down_blocks.0, …, mid_block, up_blocks.N)."""
+    blocks = {f"down_blocks.{i}": b for i, b in enumerate(unet.down_blocks)}
+    if unet.mid_block is not None:
+        blocks["mid_block"] = unet.mid_block
+    blocks.update({f"up_blocks.{i}": b for i, b in enumerate(unet.up_blocks)})
+    return blocks
+
+
+def select_blocks(unet: UNet2DConditionModel, names: tuple[str, ...]) -> list[str]:
+    """The block names that `names` (as in `checkpoint_blocks`) stand for, in UNet order."""
+    blocks = list(unet_blocks(unet))
+    chosen: set[str] = set()
+    unknown = []
+    for name in names:
+        matches = [b for b in blocks if name == "all" or b == name or b.startswith(name + ".")]
+        if not matches:
+            unknown.append(name)
+        chosen.update(matches)
+    if unknown:
+        raise ValueError(
+            f"checkpoint_blocks: this UNet has no block {', '.join(repr(u) for u in unknown)}; "
+            f"it has {', '.join(blocks)}"
+        )
+    return [b for b in blocks if b in chosen]
+
+
+def enable_checkpointing(unet: UNet2DConditionModel, names: tuple[str, ...]) -> list[str]:
+    """Gradient checkpointing in the chosen blocks only; returns their names.
+
+    diffusers keeps a `gradient_checkpointing` flag on each down/mid/up block (it then recomputes
+    the block's ResNets) and on each Transformer2DModel inside one (it then recomputes each
+    transformer layer), and `enable_gradient_checkpointing` sets them all. Here it sets them all,
+    which also installs the checkpoint function, then clears the flags outside the chosen blocks.
     """
-    return write_lora_file(run_dir / "final", layers, lora_config)
-
-
-def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one loop, read top to bottom
-    started = time.time()
-    # A second run in the same process (a notebook, the tests) may ask for another precision;
-    # accelerate keeps it in a process-wide singleton, so clear that first (the process group,
-    # in PartialState, is kept).
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != world:
-        # Each process would train alone on all the data and store its own adapter.
-        raise TrainingError(
-            f"launched as {launched} processes but they did not form a group (world size {world}); "
-            "on machines without GPUs set ACCELERATE_USE_CPU=1"
-        )
-    weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
-    run_dir = config.run_dir()
-    torch.manual_seed(derive_seed(config.seed, "init"))  # LoRA initialisation
-
-    # --- base and data
-    base = get_base(config.base)
-    scan = scan_dataset(
-        config.data_dir, caption_column=config.caption_column, image_column=config.image_column
-    )
-    examples = scan.examples
-    buckets = (
-        make_buckets(config.resolution, step=config.bucket_step)
-        if config.bucketing
-        else [Bucket(config.resolution, config.resolution)]
-    )
-    bucket_of = []
-    for example in examples:
-        with Image.open(example.path) as image:
-            bucket_of.append(choose_bucket(image.width, image.height, buckets))
-    log.info(
-        "%d examples (%d skipped) in %d buckets",
-        len(examples),
-        len(scan.skipped),
-        len(set(bucket_of)),
-    )
-
-    pipe = load_pipeline(f"store:{base.tag}", dtype=torch.float32, device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    prediction_type = config.prediction_type or pipe.scheduler.config.prediction_type
-    noise_scheduler = DDPMScheduler.from_config(
-        pipe.scheduler.config, prediction_type=prediction_type
-    )
-
-    # --- encode once: latents and caption embeddings to the disk cache
-    cache = None
-    if config.cache_latents or config.cache_text_embeddings:
-        settings = {
-            "base_hash": base.metadata["content_hash"],
-            "data": scan.fingerprint(),
-            "buckets": [(b.width, b.height) for b in bucket_of],
-            "crop": config.crop,
-            "flip": config.flip,
-            "latents": config.cache_latents,
-            "text": config.cache_text_embeddings,
-            "text_dtype": str(weight_dtype),
-        }
-        cache = ExampleCache(config.cache_dir, cache_key(**settings), settings)
-    features = Features(pipe, examples, bucket_of, config, cache)
-    needs_vae = not config.cache_latents
-    needs_text = not config.cache_text_embeddings
-    pipe.text_encoder.to(device, weight_dtype)
-    pipe.text_encoder_2.to(device, weight_dtype)
-    pipe.vae.to(device)  # float32: SDXL's VAE overflows in half precision
-    with accelerator.main_process_first():
-        features.fill_cache(device, show_progress=accelerator.is_local_main_process)
-    # What the cache made unnecessary leaves the accelerator.
-    offload = [
-        m
-        for m, needed in (
-            (pipe.vae, needs_vae),
-            (pipe.text_encoder, needs_text),
-            (pipe.text_encoder_2, needs_text),
-        )
-        if not needed
-    ]
-    for module in offload:
-        module.to("cpu")
-
-    # --- LoRA, optimizer, schedule
-    pipe.unet.to(device, weight_dtype)
-    lora_config = add_lora(pipe, config)
-    if config.gradient_checkpointing:
-        blocks = enable_checkpointing(pipe.unet, config.checkpoint_blocks)
-        log.info("gradient checkpointing in %s", ", ".join(blocks))
-    if config.attention == "xformers":
-        pipe.unet.enable_xformers_memory_efficient_attention()
-    compile_unet(pipe.unet, config.compile)  # last: it traces the LoRA layers and flags above
-    modules = {name: getattr(pipe, name) for name in lora_config}
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    total_steps = config.total_steps(len(examples), world)
-    optimizer = make_optimizer(config, params, device)
-    lr_schedule = make_lr_schedule(config, optimizer, total_steps)
-    # Only the UNet is wrapped for data parallelism; text-encoder LoRA gradients (if any) are
-    # averaged by hand below, because the pipeline calls the encoders directly.
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
-    encoder_params = [
-        p
-        for name, m in modules.items()
-        if name != "unet"
-        for p in m.parameters()
-        if p.requires_grad
-    ]
-    schedule = BatchSchedule(bucket_of, config.batch_size, config.seed)
-
-    # Validation: the first examples with noise fixed once, scored at fixed timesteps.
-    val_indices = list(range(min(config.validation_loss_examples, len(examples))))
-    val_batches = [
-        features.batch(
-            [i], torch.Generator().manual_seed(derive_seed(config.seed, "val", i)), random.Random(i)
-        )
-        for i in val_indices
-    ]
-
-    def validation_loss() -> float:
-        with eager():
-            return fixed_noise_loss(
-                pipe,
-                pipe.unet,
-                noise_scheduler,
-                val_batches,
-                prediction_type=prediction_type,
-                device=device,
-                dtype=weight_dtype,
+    chosen = select_blocks(unet, names)
+    unet.enable_gradient_checkpointing(_checkpoint)
+    for name, module in unet.named_modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = any(
+                name == block or name.startswith(block + ".") for block in chosen
             )
+    return chosen
 
-    scorer = (
-        ClipScorer.from_store(config.validation_clip, device=device)
-        if config.validation_clip and accelerator.is_main_process
-        else None
-    )
 
-    def render(step: int) -> None:
-        if not config.validation_prompts or not accelerator.is_main_process:
-            return
-        for module in offload:
-            module.to(device)
-        with eager():
-            paths = render_images(
-                pipe,
-                config.validation_prompts,
-                run_dir / "validation" / f"step-{step:08d}",
-                size=config.resolution,
-                steps=config.validation_inference_steps,
-                guidance=config.validation_guidance,
-                device=device,
-            )
-        for module in offload:
-            module.to("cpu")
-        if scorer is not None and metrics is not None:
-            images = [Image.open(p) for p in paths]
-            scores = scorer.clip_scores(images, config.validation_prompts).diagonal()
-            metrics.write({"step": step, "clip_score": float(scores.mean())})
+def _checkpoint(module: torch.nn.Module, *args: object) -> object:
+    """diffusers' default checkpoint function without its torch-version check, which torch.compile
+    would trace (and warn about: it is behind an lru_cache) at every checkpointed call."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
 
-    base_val_loss = validation_loss()
 
-    # --- resume
-    start_step = 0
-    if config.resume:
-        checkpoint = load_checkpoint(resolve_resume(run_dir, config.resume))
-        want = config.fingerprint(exclude=RUNTIME_ONLY)
-        if checkpoint.state.get("config_fingerprint") != want:
-            raise TrainingError(
-                f"{checkpoint.path} was written by a run with other settings; "
-                "resume with the same config (only output, logging and store options may change)"
-            )
-        load_trainable_state(modules, checkpoint.trainable)
-        optimizer.load_state_dict(checkpoint.optimizer)
-        lr_schedule.load_state_dict(checkpoint.lr_scheduler)
-        start_step = checkpoint.step
-        log.info("resumed from %s at step %d", checkpoint.path, start_step)
+def eager() -> contextlib.AbstractContextManager:
+    """A context in which compiled modules run eager: validation and rendering, which would
+    otherwise compile the UNet again (no gradients, other batch sizes) for a handful of calls.
 
-    metrics = (
-        MetricsLog(run_dir, config.tensorboard, resume_step=start_step if config.resume else None)
-        if accelerator.is_main_process
-        else None
-    )
-    accum = config.gradient_accumulation_steps
-    images_per_step = config.batch_size * accum * world
-    progress = tqdm(
-        total=total_steps,
-        initial=start_step,
-        desc="training",
-        disable=not accelerator.is_local_main_process,
-    )
-    if start_step == 0:
-        render(0)  # the base's images, for the report to compare against
-        if metrics is not None:
-            metrics.write({"step": 0, "validation_loss": base_val_loss})  # the base's, too
-    # FLOPs of one optimizer step on this process, for TFLOP/s and MFU: counted once, at the
-    # first batch's shape (buckets differ in shape but hold about the same number of pixels).
-    first = schedule.batch(start_step * accum * world + rank)[1]
-    bucket = bucket_of[first[0]]
-    flops = unet_training_flops(
-        pipe.unet,
-        batch=len(first),
-        height=bucket.height // pipe.vae_scale_factor,
-        width=bucket.width // pipe.vae_scale_factor,
-        text_tokens=pipe.tokenizer.model_max_length,
-    )
-    step_flops = flops["step"] * accum
-    log.info(
-        "%.3g TFLOP per optimizer step (UNet forward %.3g + backward %.3g per micro-batch)",
-        step_flops / 1e12,
-        flops["forward"] / 1e12,
-        flops["backward"] / 1e12,
-    )
-    if metrics is not None and start_step == 0:  # a resumed log keeps the first run's
-        metrics.write({"step": 0, "flops_per_step": step_flops})
-    loss_value = float("nan")
-    tick = time.time()
-
-    # --- the loop
-    for step in range(start_step, total_steps):
-        micro_losses = []
-        for micro in range(accum):
-            index = (step * accum + micro) * world + rank
-            epoch, indices = schedule.batch(index)
-            generator = torch.Generator().manual_seed(derive_seed(config.seed, "noise", index))
-            torch.manual_seed(derive_seed(config.seed, "dropout", index))
-            batch = features.batch(
-                indices, generator, random.Random(derive_seed(config.seed, "aug", index))
-            )
-            with contextlib.ExitStack() as stack:
-                if micro < accum - 1:  # sum gradients locally; synchronise once per step
-                    stack.enter_context(accelerator.no_sync(unet))
-                stack.enter_context(accelerator.autocast())
-                loss = denoising_loss(
-                    pipe,
-                    unet,
-                    noise_scheduler,
-                    batch,
-                    generator=generator,
-                    prediction_type=prediction_type,
-                    snr_gamma=config.snr_gamma,
-                    noise_offset=config.noise_offset,
-                    device=device,
-                    dtype=weight_dtype,
-                )
-                accelerator.backward(loss / accum)
-            micro_losses.append(loss.detach())
-        if world > 1:
-            for param in encoder_params:
-                param.grad = accelerator.reduce(param.grad, reduction="mean")
-        loss_value = accelerator.gather(torch.stack(micro_losses).mean()[None]).mean().item()
-        if not math.isfinite(loss_value):
-            raise TrainingError(
-                f"loss is {loss_value} at step {step + 1} (epoch {epoch}); stopping. Lower "
-                "learning_rate, use bf16 instead of fp16, or check the data; nothing was stored"
-            )
-        grad_norm = (
-            float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
-            if config.max_grad_norm
-            else float("nan")
-        )
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        done = step + 1
-        it_s = 1.0 / max(time.time() - tick, 1e-9)
-        tflops = step_flops * it_s / 1e12
-        speed = {"tflops": tflops}
-        if config.peak_tflops:
-            speed["mfu"] = tflops / config.peak_tflops
-        lr = lr_schedule.get_last_lr()[0]
-        progress.update(1)
-        progress.set_postfix(
-            loss=f"{loss_value:.4f}",
-            lr=f"{lr:.2e}",
-            it_s=f"{it_s:.2f}",
-            tflops=f"{tflops:.3g}",
-            **({"mfu": f"{speed['mfu']:.1%}"} if "mfu" in speed else {}),
-        )
-        if metrics is not None and (done % config.log_every == 0 or done == total_steps):
-            metrics.write(
-                {
-                    "step": done,
-                    "epoch": epoch,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "it_s": it_s,
-                    "images_s": it_s * images_per_step,
-                    **speed,
-                    "peak_memory_gb": peak_memory_gb(device),
-                }
-            )
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < total_steps:
-            trainable = trainable_state(modules)
-            check_weights_finite(trainable, done)
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    run_dir,
-                    done,
-                    trainable,
-                    optimizer.state_dict(),
-                    lr_schedule.state_dict(),
-                    {
-                        "config_fingerprint": config.fingerprint(exclude=RUNTIME_ONLY),
-                        "loss": loss_value,
-                    },
-                    config.keep_checkpoints,
-                )
-            accelerator.wait_for_everyone()
-        if config.validation_every and done % config.validation_every == 0 and done < total_steps:
-            val = validation_loss()
-            if metrics is not None:
-                metrics.write({"step": done, "validation_loss": val})
-            render(done)
-        tick = time.time()  # a step's time is its own: not the checkpoint or validation after it
-    progress.close()
-
-    # --- the end: validate, then store the adapter
-    final_val_loss = validation_loss()
-    render(total_steps)
-    validation = {"fixed_noise_loss": final_val_loss, "fixed_noise_loss_base": base_val_loss}
-    wall = time.time() - started
-    if metrics is not None:
-        metrics.write({"step": total_steps, "validation_loss": final_val_loss, "wall_time_s": wall})
-        metrics.close()
-    layers = diffusers_layers(modules)
-    for component, tensors in layers.items():
-        check_weights_finite({f"{component}.{k}": v for k, v in tensors.items()}, total_steps)
-    lora_dicts = {k: v.to_dict() for k, v in lora_config.items()}
-    tag = None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        kept = write_final_weights(run_dir, layers, lora_dicts)
-    if config.store and accelerator.is_main_process:
-        info = AdapterInfo(
-            base_tag=base.tag,
-            base_hash=base.metadata["content_hash"],
-            rank=config.rank,
-            alpha=config.alpha,
-            dropout=config.dropout,
-            target_modules=list(config.target_modules),
-            text_encoder_lora=config.text_encoder_lora,
-            training_config=config.to_dict(),
-            dataset=scan.summary(),
-            steps=total_steps,
-            final_loss=loss_value,
-            validation=validation,
-            wall_time_s=round(wall, 2),
-            processes=world,
-        )
-        try:
-            tag = save_adapter(config.name, layers, info, lora_config=lora_dicts).tag
-        except StoreError as err:
-            raise TrainingError(f"{err}. The trained weights are kept in {kept}") from err
-    if accelerator.is_main_process:
-        write_report(
-            run_dir,
-            config=config.to_dict(),
-            dataset=scan.summary(),
-            summary={
-                "adapter": tag or "(not stored)",
-                "steps": total_steps,
-                "final_loss": loss_value,
-                **validation,
-                "wall_time_s": round(wall, 2),
-                "weights": str(kept),
-            },
-            prompts=config.validation_prompts,
-        )
-    accelerator.wait_for_everyone()
-    return TrainResult(tag, total_steps, loss_value, validation, wall, run_dir)
+    (`torch.compiler.set_stance` takes effect when called, so it is made here, at the `with`.)
+    """
+    return torch.compiler.set_stance("force_eager")

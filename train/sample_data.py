@@ -74,6 +74,23 @@ def write_sample_dataset(
     if size < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE} pixels, got {size}")
     root = Path(root)
+    files = sample_files(count=count, size=size, layout=layout, seed=seed)
+    if root.exists():
+        others = sorted(p.name for p in root.iterdir() if p.name not in files)
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise FileExistsError(
+                f"{root} already holds other files ({shown}); write the sample dataset to an "
+                "empty or new folder"
+            )
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return root
+
+
+def sample_files(*, count: int, size: int, layout: str, seed: int) -> dict[str, bytes]:
+    """The dataset's files by name: `NNNN.png`, and `NNNN.txt` or the layout's metadata file."""
     rng = random.Random(seed)
     files: dict[str, bytes] = {}
     rows = []
@@ -96,16 +113,4 @@ def write_sample_dataset(
         writer.writeheader()
         writer.writerows(rows)
         files["metadata.csv"] = text.getvalue().encode()
-
-    if root.exists():
-        others = sorted(p.name for p in root.iterdir() if p.name not in files)
-        if others:
-            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-            raise FileExistsError(
-                f"{root} already holds other files ({shown}); write the sample dataset to an "
-                "empty or new folder"
-            )
-    root.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        (root / name).write_bytes(data)
-    return root
+    return files

@@ -1,5 +1,13 @@
-"""Finding images and captions in the layouts users have.
+"""Files -> examples: the images and captions of a dataset folder, and each image made ready for
+the VAE at its bucket's size with the SDXL micro-conditioning that describes it.
 
+Read top to bottom, one example's way: `scan_dataset` finds the (image, caption) pairs in the
+layouts users have and checks that every image decodes; `example_buckets` gives each one the
+training size closest to its shape (`make_buckets`, `choose_bucket`); `prepare_image` resizes,
+crops and mirrors it to that size and computes its `time_ids`. `train.batches` takes it from there
+(VAE latents, caption embeddings, the disk cache, micro-batches).
+
+Layouts:
 - a folder of images with a `.txt` caption beside each (`a.png` + `a.txt`), searched recursively;
 - Hugging Face imagefolder: `metadata.jsonl` or `metadata.csv` in the folder, with a file column
   and a caption column, paths relative to the folder.
@@ -12,6 +20,14 @@ A single bad image (undecodable, too large, uncaptioned, missing) is skipped, co
 so one broken download does not stop a long run; a problem with the dataset as a whole (missing
 folder, no images, bad metadata, nothing usable) raises `DatasetError` naming the file, line or
 column at fault.
+
+EXIF orientation is not applied anywhere: the pixels are used as stored (as the diffusers
+training scripts use them), so the fingerprint, the crop and the micro-conditioning all describe
+the same pixels.
+
+SDXL is conditioned on the original size, the crop's top-left corner and the target size
+(`time_ids`); they are computed as diffusers' `train_text_to_image_lora_sdxl.py` computes them, so
+an adapter trained here sees the conditioning the base model was trained with.
 """
 
 from __future__ import annotations
@@ -21,24 +37,30 @@ import hashlib
 import io
 import json
 import logging
+import math
+import random
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from models.hashing import hash_file
+from train.config import CROPS, TrainConfig
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-LAYOUTS = ("captions", "jsonl", "csv")
 METADATA = {"jsonl": "metadata.jsonl", "csv": "metadata.csv"}
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+"""Pillow opens 16-bit greyscale PNGs in these modes; their values run to 65535, not 255."""
 
 
 class DatasetError(ValueError):
@@ -122,6 +144,22 @@ def scan_dataset(
     decompression bombs before they are decoded (Pillow's own `Image.MAX_IMAGE_PIXELS` also applies).
     """
     root = Path(root)
+    layout, rows = _listed_rows(root, image_column, caption_column)
+    rows.sort(key=lambda r: (r.path.relative_to(root).as_posix(), r.caption))
+    examples, digests, skipped = _check_rows(rows, max_pixels)
+    if not examples:
+        shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
+        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        raise DatasetError(
+            f"no usable images in {root}: all {len(skipped)} were skipped: {shown}{more}"
+        )
+    if skipped:
+        log.warning("%s: %d images usable, %d skipped", root, len(examples), len(skipped))
+    return DatasetScan(root, layout, tuple(examples), tuple(skipped), tuple(digests))
+
+
+def _listed_rows(root: Path, image_column: str, caption_column: str) -> tuple[str, list[_Row]]:
+    """The layout of `root` and the images it names, with their captions, not yet opened."""
     if not root.exists():
         raise DatasetError(f"dataset folder {root} is missing; pass a folder of images")
     if not root.is_dir():
@@ -132,23 +170,28 @@ def scan_dataset(
             f"{root} holds both metadata.jsonl and metadata.csv; keep one of them so it is clear "
             "which captions to use"
         )
-    layout = present[0] if present else "captions"
-    if layout == "captions":
+    if not present:
         rows = _caption_file_rows(root)
         if not rows:
             raise DatasetError(
                 f"no images with suffixes {', '.join(IMAGE_SUFFIXES)} found in {root} "
                 "(nor a metadata.jsonl or metadata.csv)"
             )
-    else:
-        metadata = root / METADATA[layout]
-        read = _jsonl_rows if layout == "jsonl" else _csv_rows
-        rows = read(metadata, image_column, caption_column)
-        if not rows:
-            raise DatasetError(f"{metadata} lists no images; add one row per image")
-        _log_unlisted(root, rows, metadata)
+        return "captions", rows
+    layout = present[0]
+    metadata = root / METADATA[layout]
+    read = _jsonl_rows if layout == "jsonl" else _csv_rows
+    rows = read(metadata, image_column, caption_column)
+    if not rows:
+        raise DatasetError(f"{metadata} lists no images; add one row per image")
+    _log_unlisted(root, rows, metadata)
+    return layout, rows
 
-    rows.sort(key=lambda r: (r.path.relative_to(root).as_posix(), r.caption))
+
+def _check_rows(
+    rows: Sequence[_Row], max_pixels: int
+) -> tuple[list[Example], list[str], list[Skipped]]:
+    """(examples, the sha256 of each one's file, the rows skipped and why), in `rows` order."""
     examples, digests, skipped = [], [], []
     for row in tqdm(
         rows, desc="checking images", unit="image", disable=True if len(rows) < 100 else None
@@ -164,15 +207,7 @@ def scan_dataset(
         else:
             examples.append(Example(row.path, row.caption))
             digests.append(digest)
-    if not examples:
-        shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
-        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
-        raise DatasetError(
-            f"no usable images in {root}: all {len(skipped)} were skipped: {shown}{more}"
-        )
-    if skipped:
-        log.warning("%s: %d images usable, %d skipped", root, len(examples), len(skipped))
-    return DatasetScan(root, layout, tuple(examples), tuple(skipped), tuple(digests))
+    return examples, digests, skipped
 
 
 @dataclass(frozen=True)
@@ -301,7 +336,7 @@ def _read_image(path: Path, max_pixels: int) -> tuple[str | None, str | None]:
     """(sha256 of the file, None) if it decodes fully and is not too large, else (None, why not).
 
     The bytes are read once, hashed and decoded from memory, so the fingerprint describes exactly
-    what was verified. EXIF orientation is not applied: the pixels are used as stored.
+    what was verified.
     """
     try:
         data = path.read_bytes()
@@ -321,3 +356,162 @@ def _read_image(path: Path, max_pixels: int) -> tuple[str | None, str | None]:
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         return None, f"does not decode: {err}"
     return hashlib.sha256(data).hexdigest(), None
+
+
+# --- one example at its training size
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    """A training size (pixels); every image in a batch is cropped to the same bucket."""
+
+    width: int
+    height: int
+
+
+def make_buckets(
+    resolution: int,
+    *,
+    step: int = 64,
+    min_side: int | None = None,
+    max_side: int | None = None,
+    max_ratio: float = 4.0,
+) -> list[Bucket]:
+    """Bucket sizes of about `resolution`² pixels, NovelAI/kohya style, sorted.
+
+    For each width (a multiple of `step` in [min_side, max_side]) the tallest height that is a
+    multiple of `step` and keeps the area within resolution² is taken, and its transpose too.
+    Smaller buckets of the same shape are left out on purpose: an image would train at a lower
+    resolution than the budget allows for no gain. Sides default to resolution/2 .. resolution*2
+    (clipped to multiples of `step`); shapes longer than `max_ratio`:1 are dropped; the square
+    (resolution, resolution) is always included.
+    """
+    if resolution <= 0 or step <= 0:
+        raise ValueError(f"resolution ({resolution}) and step ({step}) must be positive")
+    if max_ratio < 1:
+        raise ValueError(f"max_ratio must be at least 1, got {max_ratio}")
+    low = resolution // 2 if min_side is None else min_side
+    high = resolution * 2 if max_side is None else max_side
+    low = max(step, math.ceil(low / step) * step)
+    high = high // step * step
+    if low > high:
+        raise ValueError(
+            f"no side fits: min_side {min_side} and max_side {max_side} leave no multiple of "
+            f"{step} between them"
+        )
+    area = resolution * resolution
+    buckets = {Bucket(resolution, resolution)}
+    for width in range(low, high + 1, step):
+        height = min(area // width // step * step, high)
+        if height >= low and max(width, height) <= max_ratio * min(width, height):
+            buckets.add(Bucket(width, height))
+            buckets.add(Bucket(height, width))
+    return sorted(buckets)
+
+
+def choose_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:
+    """The bucket whose aspect ratio is closest to the image's, on a log scale (so 2:1 and 1:2 are
+    equally far from square); ties go to the larger bucket, then to the smaller (w, h)."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if not buckets:
+        raise ValueError("no buckets to choose from")
+    ratio = math.log(width / height)
+
+    def distance(b: Bucket) -> tuple[float, int, Bucket]:
+        # Rounded so that mirror-image buckets tie exactly despite floating-point noise.
+        return (round(abs(math.log(b.width / b.height) - ratio), 9), -b.width * b.height, b)
+
+    return min(buckets, key=distance)
+
+
+def example_buckets(examples: Sequence[Example], config: TrainConfig) -> list[Bucket]:
+    """Each example's training size: with `bucketing`, the bucket of about resolution² pixels
+    closest to the image's shape; without, the square of side `resolution`."""
+    square = Bucket(config.resolution, config.resolution)
+    if not config.bucketing:
+        return [square] * len(examples)
+    buckets = make_buckets(config.resolution, step=config.bucket_step)
+    chosen = []
+    for example in examples:
+        with Image.open(example.path) as image:
+            chosen.append(choose_bucket(image.width, image.height, buckets))
+    return chosen
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the VAE, with the SDXL micro-conditioning that describes it."""
+
+    pixels: torch.Tensor
+    """float32 (3, H, W) in [-1, 1], H and W those of the bucket."""
+    time_ids: tuple[int, int, int, int, int, int]
+    """(orig_h, orig_w, crop_top, crop_left, target_h, target_w), as SDXL expects."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB for any mode: transparency over white, palettes, grey, CMYK, 16-bit grey.
+
+    Over white, because transparent pixels usually hold black or garbage that nobody meant to
+    show; 16-bit values are scaled to 8 bits rather than clipped (Pillow clips them to white).
+    """
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in SIXTEEN_BIT_MODES:
+        array = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def cover_size(width: int, height: int, bucket: Bucket) -> tuple[int, int]:
+    """The size that scales (width, height) to cover `bucket` with one side matching exactly.
+
+    The other side is floored, as torchvision's `Resize` (used by the diffusers scripts) does.
+    Integer arithmetic keeps a 3:1 image from becoming 191 pixels wide instead of 192.
+    """
+    if width * bucket.height >= height * bucket.width:  # wider than the bucket: heights match
+        return max(bucket.width, width * bucket.height // height), bucket.height
+    return bucket.width, max(bucket.height, height * bucket.width // width)
+
+
+def prepare_image(
+    image: Image.Image,
+    bucket: Bucket,
+    *,
+    crop: str = "center",
+    flip: bool = False,
+    rng: random.Random | None = None,
+) -> Prepared:
+    """Resize `image` to cover `bucket` (Lanczos), crop to it, optionally mirror it.
+
+    Center crops are placed as diffusers places them (`round(margin / 2)`); random crops draw
+    from `rng`, so a run is repeatable. crop_top/crop_left are in the resized image's pixels. For
+    a flip, crop_left is where the crop sits in the mirrored resized image (`new_w - left - w`):
+    the geometrically true corner. (The diffusers script computes `w - left` there, which only
+    agrees when the resized image is exactly twice the bucket's width.)
+    """
+    if crop not in CROPS:
+        raise ValueError(f"crop {crop!r} is not one of {', '.join(CROPS)}")
+    if crop == "random" and rng is None:
+        raise ValueError("crop='random' needs an rng (a random.Random) so crops are repeatable")
+    image = to_rgb(image)
+    orig_w, orig_h = image.size
+    new_w, new_h = cover_size(orig_w, orig_h, bucket)
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    if crop == "center":
+        top = int(round((new_h - bucket.height) / 2.0))
+        left = int(round((new_w - bucket.width) / 2.0))
+    else:
+        assert rng is not None
+        top = rng.randint(0, new_h - bucket.height)
+        left = rng.randint(0, new_w - bucket.width)
+    image = image.crop((left, top, left + bucket.width, top + bucket.height))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = new_w - left - bucket.width
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return Prepared(pixels, (orig_h, orig_w, top, left, bucket.height, bucket.width))
