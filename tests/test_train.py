@@ -451,3 +451,23 @@ def test_8bit_adam_without_bitsandbytes_says_how_to_get_it(tiny_base, sample_dir
         ValueError, match=r"adamw8bit needs bitsandbytes \(pip install bentolora\[gpu\]\)"
     ):
         train(config_for(sample_dir, tmp_path, name="bnb", optimizer="adamw8bit", max_steps=1))
+
+
+def test_validation_is_not_dropout_noise_and_training_keeps_dropout(
+    tiny_base, sample_dir, tmp_path
+):
+    """LoRA dropout acts in training only: the fixed-noise validation loss is the same number
+    each time it is computed, and the dropout layers are training again afterwards."""
+    from train import loop
+
+    config = config_for(
+        sample_dir, tmp_path, name="dropout", dropout=0.5, max_steps=1, validation_prompts=()
+    )
+    run = loop.setup(config)
+    with torch.no_grad():  # a LoRA branch that is not zero, so dropout would move the output
+        for name, param in run.pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    assert loop.validate(run, step=1) == loop.validate(run, step=1)
+    dropouts = [m for m in run.pipe.unet.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and any(m.p == 0.5 and m.training for m in dropouts)

@@ -481,18 +481,40 @@ def validate(run: Run, step: int) -> float:
     At step 0 this is the base (LoRA layers start as the identity). A resumed run computes it
     again, for the adapter's metadata, but its log and images already hold it.
     """
-    loss = fixed_noise_loss(run)
-    if step == 0 and run.start_step:
-        return loss
+    with lora_dropout_off(run):
+        loss = fixed_noise_loss(run)
+        if step == 0 and run.start_step:
+            return loss
+        paths = []
+        if run.config.validation_prompts and run.accelerator.is_main_process:
+            paths = render(run, step)
     if run.metrics is not None:
         run.metrics.write({"step": step, "validation_loss": loss})
-    if run.config.validation_prompts and run.accelerator.is_main_process:
-        paths = render(run, step)
-        if run.scorer is not None:
-            images = [Image.open(p) for p in paths]
-            scores = run.scorer.clip_scores(images, run.config.validation_prompts).diagonal()
-            run.metrics.write({"step": step, "clip_score": float(scores.mean())})
+    if paths and run.scorer is not None:
+        images = [Image.open(p) for p in paths]
+        scores = run.scorer.clip_scores(images, run.config.validation_prompts).diagonal()
+        run.metrics.write({"step": step, "clip_score": float(scores.mean())})
     return loss
+
+
+@contextlib.contextmanager
+def lora_dropout_off(run: Run):
+    """Validation measures the adapter, not dropout noise: peft creates LoRA's dropout layers in
+    training mode inside the eval-mode pipeline, so they are switched off while it runs and back
+    on for training."""
+    dropouts = [
+        module
+        for model in run.trained.values()
+        for module in model.modules()
+        if isinstance(module, torch.nn.Dropout) and module.training
+    ]
+    for module in dropouts:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module in dropouts:
+            module.train()
 
 
 @torch.no_grad()
