@@ -220,9 +220,6 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
                         pipelines.profile_engine(engine, adapters, work, device, args.out, label)
                     )
             finally:
-                from service.registry import SERVED
-
-                SERVED.reload_adapters = None  # it holds the engine
                 del engine
             _add(rows, engine_rows, flops, work)
             correctness["engine" + label] = pipelines.correctness(reference, images)

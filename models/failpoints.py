@@ -8,20 +8,25 @@ by `;`, for example `checkpoint.write=kill@2;pipeline=oom_over:1`:
 - `oom`: raise `torch.OutOfMemoryError`, as CUDA does when a batch does not fit.
 - `oom_over:N`: the same, only when the call handles more than N items.
 - `cuda_error`: raise `torch.AcceleratorError`, as an illegal memory access does.
+- `hang`: wait there until the spec no longer sets `hang` at that point (a slow or stuck call
+  that a test ends by rewriting the file or the variable).
 - `@n`: act only on the n-th time the point is reached in this process (every time without it).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
 ENV = "BENTOLORA_FAILPOINTS"
 FILE_ENV = "BENTOLORA_FAILPOINTS_FILE"
-ACTIONS = ("kill", "oom", "oom_over", "cuda_error")
+ACTIONS = ("kill", "oom", "oom_over", "cuda_error", "hang")
 
+log = logging.getLogger(__name__)
 _hits: Counter[str] = Counter()
 
 
@@ -48,6 +53,19 @@ def _active() -> str:
     return os.environ.get(ENV, "")
 
 
+def reached(point: str) -> int:
+    """Times `point` was reached in this process while some failpoint spec was set."""
+    return _hits[point]
+
+
+def _hanging(point: str) -> bool:
+    try:
+        rule = parse(_active()).get(point)
+    except ValueError:  # a file caught while being rewritten: look again
+        return True
+    return rule is not None and rule[0] == "hang"
+
+
 def hit(point: str, size: int = 1) -> None:
     """Mark that `point` is reached (handling `size` items); act if a failpoint is set there."""
     spec = _active()
@@ -62,6 +80,11 @@ def hit(point: str, size: int = 1) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "hang":
+        log.warning("failpoint %s: hanging until the spec no longer sets hang there", point)
+        while _hanging(point):
+            time.sleep(0.05)
+        return
     import torch
 
     if action == "oom" or (action == "oom_over" and size > (arg or 0)):

@@ -53,6 +53,10 @@ class AdapterCache:
         self._loaded: OrderedDict[str, str | LoraFactors] = OrderedDict()
         self._fused = FusedLora(pipe) if mode == "fused" else None
 
+    def holds(self, entry: StoreEntry) -> bool:
+        """`entry`'s weights are loaded: activating it reads no file."""
+        return entry.tag in self._loaded
+
     def activate(self, choices: Sequence[tuple[StoreEntry, float]]) -> None:
         started = time.perf_counter()
         if self._fused is not None:

@@ -21,9 +21,14 @@ UNUSED_UI_ROUTES = (
     "/ui/gradio_api/undo-vibe",
     "/ui/gradio_api/dev/",
     "/ui/gradio_api/process_recording",
+    "/ui/gradio_api/file=",
+    "/ui/gradio_api/file/",
+    "/ui/gradio_api/deep_link",
+    "/ui/gradio_api/run-history",
     "/ui/monitoring",
 )
-"""Gradio routes this UI has no use for (it takes no uploads, proxies nothing, runs no editor):
+"""Gradio routes this UI has no use for (it takes no uploads, proxies nothing, runs no editor,
+serves no files: its images travel inside the answers; keeps no deep links or run history):
 answered 404 before Gradio sees them, so the open /ui prefix does not open them."""
 """The web UI's page and Gradio's own routes: open, since the UI asks for the token and sends it
 with each call it makes to the API (see service/ui.py)."""

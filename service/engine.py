@@ -1,8 +1,12 @@
 """The work behind the endpoints: one pipeline call per group of compatible requests, CLIP scores.
 
 Requests in a batch are grouped by everything the pipeline takes as one value (size, steps,
-guidance, scheduler, adapter set); each image has its own generator seeded from its request, so
-an image does not depend on what it was batched with.
+guidance, scheduler, adapter versions); each image has its own generator seeded from its
+request, so an image does not depend on what it was batched with.
+
+The engine publishes what it serves into its `ServerState` (service.state) and is the only
+writer of its live status. The pipeline and CLIP are separate modules with separate locks: a
+score does not wait for an image batch.
 """
 
 from __future__ import annotations
@@ -14,23 +18,23 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from http import HTTPStatus
 
 import torch
-from bentoml.exceptions import ServiceUnavailable
+from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 
 from models import failpoints
-from models.adapter import AdapterError, list_adapters, verify_adapter, weights_path
+from models.adapter import AdapterError
 from models.bases import get_base
 from models.clip import ClipScorer
 from models.loading import load_pipeline
-from models.lora_fusion import check_mergeable
 from models.pipeline_speed import speed_up
-from models.stages import is_production
+from models.store import StoreEntry
 from service import metrics
 from service.adapter_cache import AdapterCache
+from service.adapter_selection import select_adapters
 from service.encoder import Encoded, Encoder
-from service.registry import SERVED
 from service.schedulers import make_scheduler
 from service.schemas import (
     MAX_SEED,
@@ -42,18 +46,22 @@ from service.schemas import (
     ScoreResponse,
 )
 from service.settings import Settings
+from service.state import ServedSnapshot, ServerState
 
 log = logging.getLogger(__name__)
 
+Choices = tuple[tuple[StoreEntry, float], ...]
+"""The adapter versions one request is served with, and their scales."""
 
-def group_key(request: GenerateRequest) -> tuple:
+
+def group_key(request: GenerateRequest, choices: Choices) -> tuple:
     return (
         request.width,
         request.height,
         request.steps,
         request.guidance,
         request.scheduler,
-        tuple((a.name, a.scale) for a in request.adapters),
+        tuple((entry.tag, scale) for entry, scale in choices),
         # An empty negative prompt means zeroed negative embeddings in SDXL (as diffusers does
         # for None), which a batch can only express for all its members at once.
         bool(request.negative_prompt),
@@ -61,8 +69,13 @@ def group_key(request: GenerateRequest) -> tuple:
 
 
 class Engine:
-    def __init__(self, settings: Settings):
+    """The pipeline and the CLIP scorer of one server. `state` (made here when not given) holds
+    what it serves, which it publishes, and its live status, which it alone writes."""
+
+    def __init__(self, settings: Settings, state: ServerState | None = None):
         self.settings = settings
+        self.state = state if state is not None else ServerState(settings)
+        self.live = self.state.live
         self.device = settings.torch_device()
         self.base = get_base(settings.base)
         self.pipe = load_pipeline(
@@ -79,29 +92,38 @@ class Engine:
         self.encoder = Encoder(settings.encode_workers)
         self.encoder.start()
         self._lock = threading.Lock()  # one pipeline, one batch at a time
-        self.refresh_adapters()
-        SERVED.reload_adapters = self.reload_adapters
-        SERVED.settings = settings
-        SERVED.base_tag = self.base.tag
-        SERVED.default_size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        self._clip_lock = threading.Lock()  # one CLIP, one score batch at a time
+        default_size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        found = select_adapters(self.pipe, self.base, settings)
         if settings.warmup:
-            self.warm_up(SERVED.default_size)
+            self.warm_up(default_size)
         # Own instances: request validation tokenizes on the event loop while a batch tokenizes
         # in the pipeline; a fast tokenizer shared across threads switches padding/truncation
         # under the other caller (seen under load as "expected sequence of length 13 (got 12)").
         # Loaded afresh, since a deepcopy loses the decoder that error messages use.
-        SERVED.tokenizers = tuple(
+        tokenizers = tuple(
             type(t).from_pretrained(self.base.path / folder)
             for t, folder in (
                 (self.pipe.tokenizer, "tokenizer"),
                 (self.pipe.tokenizer_2, "tokenizer_2"),
             )
         )
-        SERVED.ready = True
+        self.state.publish(
+            ServedSnapshot(
+                settings=settings,
+                loaded=True,
+                base_tag=self.base.tag,
+                default_size=default_size,
+                adapters=found.served,
+                refused_adapters=found.refused,
+                foreign_adapters=found.foreign,
+                tokenizers=tokenizers,
+            )
+        )
         log.info(
             "serving %s with %d adapters on %s (LoRA %s; speed-ups: %s)",
             self.base.tag,
-            len(SERVED.adapters),
+            len(found.served),
             self.device,
             settings.lora_mode,
             speed.describe(),
@@ -126,95 +148,87 @@ class Engine:
                 "warm-up: %d images of %d px in %.1f s", n, size, time.perf_counter() - started
             )
 
-    def refresh_adapters(self) -> None:
-        """Read the store: per adapter name, the newest version made for this base that passes
-        every check (verify_adapter); versions that fail are listed as refused, with why.
-        With BENTOLORA_PROMOTED_ONLY only versions labelled stage=production count; a name with
-        no such version is refused as not promoted."""
-        served, foreign, refused = {}, {}, {}
-        entries = list_adapters()  # newest first
-        promoted = {e.name.removeprefix("lora-") for e in entries if is_production(e)}
-        for entry in entries:
-            name = entry.name.removeprefix("lora-")
-            if name in served:
-                continue
-            if entry.metadata.get("base_hash") != self.base.metadata["content_hash"]:
-                foreign.setdefault(name, entry.metadata.get("base_tag", "?"))
-                continue
-            if self.settings.promoted_only and not is_production(entry):
-                if name not in promoted:
-                    refused.setdefault(name, "not promoted (BENTOLORA_PROMOTED_ONLY)")
-                continue
-            try:
-                verify_adapter(
-                    entry, self.pipe, self.base, max_bytes=self.settings.max_adapter_bytes
-                )
-                if self.settings.lora_mode == "fused":
-                    check_mergeable(weights_path(entry), tag=entry.tag)
-            except AdapterError as err:
-                log.warning("refusing adapter %s: %s", entry.tag, err)
-                refused.setdefault(name, str(err))
-                continue
-            served[name] = entry
-        SERVED.adapters = served
-        SERVED.refused_adapters = {k: v for k, v in refused.items() if k not in served}
-        SERVED.foreign_adapters = {
-            k: v for k, v in foreign.items() if k not in served and k not in refused
-        }
-
-    def reload_adapters(self) -> None:
-        with self._lock:
-            self.refresh_adapters()
+    def reload_adapters(self) -> ServedSnapshot:
+        """Re-read the store (new adapters, new versions) and publish what is served now.
+        Requests validated before keep the versions they were validated against."""
+        with self._lock:  # the checks read the pipeline's layers
+            found = select_adapters(self.pipe, self.base, self.settings)
+            snapshot = replace(
+                self.state.snapshot,
+                adapters=found.served,
+                refused_adapters=found.refused,
+                foreign_adapters=found.foreign,
+            )
+            self.state.publish(snapshot)
+        log.info("adapters reloaded: %d served, %d refused", len(found.served), len(found.refused))
+        return snapshot
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResponse]:
         if not requests:
             return []
+        snapshot = self.state.snapshot
+        choices = [self._choices(request, snapshot) for request in requests]
+        self._check_still_stored(choices)
         seeds = [r.seed if r.seed is not None else secrets.randbelow(MAX_SEED) for r in requests]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
-            groups[group_key(request)].append(index)
+            groups[group_key(request, choices[index])].append(index)
         results: list[list[Pending]] = [[] for _ in requests]
         started = time.perf_counter()
         for indices in groups.values():
             jobs = [(i, k) for i in indices for k in range(requests[i].num_images)]
             step = self.settings.max_batch_images
             for start in range(0, len(jobs), step):
-                chunk = self._live(requests, jobs[start : start + step])
+                chunk = still_wanted(
+                    requests,
+                    within_deadline(
+                        requests, jobs[start : start + step], self.settings.request_timeout_s
+                    ),
+                )
                 if not chunk:
                     continue
-                for (i, _), image in zip(
-                    chunk, self._run_fitting(requests, seeds, chunk, len(requests)), strict=True
-                ):
+                run = self._run_fitting(requests, seeds, chunk, len(requests), choices[indices[0]])
+                for (i, _), image in zip(chunk, run, strict=True):
                     results[i].append(image)
         # Encoding ran beside the later groups' pipeline calls; collected last.
         responses = [GenerateResponse(images=[p.finish() for p in images]) for images in results]
-        SERVED.record_batch("/generate", time.perf_counter() - started, len(requests))
+        self.live.record_batch("/generate", time.perf_counter() - started, len(requests))
         return responses
 
-    def _live(self, requests, chunk: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The jobs whose request is still within its deadline. A request past it has already
-        been answered 504 by the server's timeout, so computing it would only delay the rest."""
-        deadline = self.settings.request_timeout_s
-        now = time.monotonic()
-        late = {i for i, _ in chunk if now - requests[i]._received > deadline}
-        if late:
-            metrics.dropped(len(late))
-            log.warning("dropping %d requests past their %d s deadline", len(late), deadline)
-        return [(i, k) for i, k in chunk if i not in late]
+    def _choices(self, request: GenerateRequest, snapshot: ServedSnapshot) -> Choices:
+        """The versions `request` is served with: those pinned when it was validated; for a
+        request validated without a server (a direct caller), those served now."""
+        choices = []
+        for adapter in request.adapters:
+            entry = adapter.pinned or snapshot.adapters.get(adapter.name)
+            if entry is None:
+                raise InvalidArgument(snapshot.why_not_served(adapter.name))
+            choices.append((entry, adapter.scale))
+        return tuple(choices)
 
-    def _run_fitting(self, requests, seeds, chunk, batch_requests: int) -> list[Pending]:
+    def _check_still_stored(self, choices: Sequence[Choices]) -> None:
+        """A version a request was validated against may have left the store since (deleted,
+        then an adapter reload): answered 410 naming it, before any compute, unless its weights
+        are still loaded. BentoML answers a batch as one, so its other requests get it too."""
+        for entry, _ in {e.tag: (e, s) for c in choices for e, s in c}.values():
+            if not self.adapters.holds(entry) and not entry.path.is_dir():
+                raise AdapterGone(entry)
+
+    def _run_fitting(
+        self, requests, seeds, chunk, batch_requests: int, choices: Choices
+    ) -> list[Pending]:
         """`_run`, halving the batch when the GPU runs out of memory; a single image that does
         not fit is answered 503. An unrecoverable device error marks the server broken (then
         /livez fails and the orchestrator restarts it)."""
         try:
-            return self._run(requests, seeds, chunk, batch_requests)
+            return self._run(requests, seeds, chunk, batch_requests, choices)
         except torch.OutOfMemoryError:
             metrics.oom()
             free_device_memory(self.device)
             if len(chunk) == 1:
                 first = requests[chunk[0][0]]
                 raise ServiceUnavailable(
-                    SERVED.mark_unavailable(
+                    self.live.mark_unavailable(
                         f"out of GPU memory for one {first.width}x{first.height} image; "
                         "try fewer pixels or retry when the server is less busy"
                     )
@@ -227,22 +241,27 @@ class Engine:
                 len(chunk) - half,
             )
             return self._run_fitting(
-                requests, seeds, chunk[:half], batch_requests
-            ) + self._run_fitting(requests, seeds, chunk[half:], batch_requests)
+                requests, seeds, chunk[:half], batch_requests, choices
+            ) + self._run_fitting(requests, seeds, chunk[half:], batch_requests, choices)
         except torch.AcceleratorError as err:
-            SERVED.broken = str(err).splitlines()[0]
+            self.live.broken = str(err).splitlines()[0]
             log.critical("device failed, the server must restart: %s", err)
             raise ServiceUnavailable(
-                SERVED.mark_unavailable(f"the GPU failed ({SERVED.broken}); restarting")
+                self.live.mark_unavailable(f"the GPU failed ({self.live.broken}); restarting")
             ) from None
 
-    def _run(self, requests, seeds, chunk, batch_requests: int) -> list[Pending]:
+    def _run(self, requests, seeds, chunk, batch_requests: int, choices: Choices) -> list[Pending]:
         first = requests[chunk[0][0]]
         image_seeds = [(seeds[i] + k) % (MAX_SEED + 1) for i, k in chunk]
-        choices = [(SERVED.adapters[a.name], a.scale) for a in first.adapters]
         with self._lock:
             started = time.perf_counter()
-            self.adapters.activate(choices)
+            try:
+                self.adapters.activate(choices)
+            except (AdapterError, OSError):
+                gone = [e for e, _ in choices if not e.path.is_dir()]
+                if not gone:
+                    raise
+                raise AdapterGone(gone[0]) from None  # left the store since the check above
             switch = self.adapters.last_switch_s
             self.pipe.scheduler = make_scheduler(first.scheduler, self.scheduler_config)
             failpoints.hit("pipeline", size=len(chunk))
@@ -257,10 +276,10 @@ class Engine:
                     num_inference_steps=first.steps,
                     guidance_scale=first.guidance,
                     generator=[torch.Generator("cpu").manual_seed(s) for s in image_seeds],
-                    callback_on_step_end=_report_progress,
+                    callback_on_step_end=self._report_progress,
                 ).images
             finally:
-                SERVED.progress = (0, 0)  # also when the call fails: the GPU is idle again
+                self.live.progress = (0, 0)  # also when the call fails: the GPU is idle again
             compute = time.perf_counter() - started
         metrics.images(len(chunk))
         used = [
@@ -292,10 +311,10 @@ class Engine:
         images = [image for r in requests for image in r._decoded]
         texts = [text for r in requests for text in r.texts]
         started = time.perf_counter()
-        with self._lock:
+        with self._clip_lock:  # not the pipeline's: CLIP is its own module
             image_emb = self.scorer.image_embeddings(images)
             text_emb = self.scorer.text_embeddings(texts) if texts else None
-        SERVED.record_batch("/score", time.perf_counter() - started, len(requests))
+        self.live.record_batch("/score", time.perf_counter() - started, len(requests))
         out, i0, t0 = [], 0, 0
         for request in requests:
             emb = image_emb[i0 : i0 + len(request.images)]
@@ -310,6 +329,47 @@ class Engine:
             i0 += len(request.images)
             t0 += len(request.texts)
         return out
+
+    def _report_progress(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """Called by the pipeline after each denoising step: the UI shows it as progress."""
+        self.live.progress = (step + 1, pipe.num_timesteps)
+        return callback_kwargs
+
+
+class AdapterGone(BentoMLException):
+    """A request's adapter version left the store after the request was validated."""
+
+    def __init__(self, entry: StoreEntry):
+        name = entry.name.removeprefix("lora-")
+        super().__init__(
+            f"adapter {name!r} (version {entry.version}) left the model store after this "
+            "request was accepted; GET /adapters/ lists what this server serves now",
+            error_code=HTTPStatus.GONE,
+        )
+
+
+def within_deadline(
+    requests: Sequence[GenerateRequest], chunk: list[tuple[int, int]], deadline_s: float
+) -> list[tuple[int, int]]:
+    """The jobs of `chunk` whose request is still within its deadline. A request past it has
+    already been answered 504 by the server's timeout, so computing it would only delay the rest."""
+    now = time.monotonic()
+    late = {i for i, _ in chunk if now - requests[i]._received > deadline_s}
+    if late:
+        metrics.dropped(len(late))
+        log.warning("dropping %d requests past their %d s deadline", len(late), deadline_s)
+    return [(i, k) for i, k in chunk if i not in late]
+
+
+def still_wanted(
+    requests: Sequence[GenerateRequest], chunk: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """The jobs of `chunk` whose request's client is still connected: a batch that began before
+    a client left computes none of its images that have not started."""
+    gone = {i for i, _ in chunk if requests[i].client_gone}
+    if gone:
+        log.info("skipping %d request(s) whose client disconnected", len(gone))
+    return [(i, k) for i, k in chunk if i not in gone]
 
 
 @dataclass(frozen=True)
@@ -337,12 +397,6 @@ class Pending:
             settings=settings,
             timings=self.timings | {"encode_s": round(encode_s, 4)},
         )
-
-
-def _report_progress(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-    """Called by the pipeline after each denoising step: the UI shows it as progress."""
-    SERVED.progress = (step + 1, pipe.num_timesteps)
-    return callback_kwargs
 
 
 def free_device_memory(device: str) -> None:

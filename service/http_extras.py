@@ -2,37 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.registry import SERVED
+from service.state import ServedSnapshot, ServerState
+
+LOADING = {"error": "models are still loading"}
 
 
-def _listing() -> dict:
-    return {
-        "base": SERVED.base_tag,
-        "adapters": SERVED.adapter_rows(),
-        "refused": SERVED.refused_adapters,
-    }
+def adapter_routes(state: ServerState, reload: Callable[[], ServedSnapshot]) -> Starlette:
+    """GET / lists what `state` serves; POST /reload (admin) calls `reload`, which re-reads the
+    store (new adapters, new versions) without a restart, and lists what it published."""
 
+    async def adapters(request: Request) -> JSONResponse:
+        snapshot = state.snapshot
+        if not snapshot.loaded:
+            return JSONResponse(LOADING, status_code=503)
+        return JSONResponse(snapshot.listing())
 
-async def adapters(request: Request) -> JSONResponse:
-    if not SERVED.ready:
-        return JSONResponse({"error": "models are still loading"}, status_code=503)
-    return JSONResponse(_listing())
+    async def reload_adapters(request: Request) -> JSONResponse:
+        if not state.snapshot.loaded:
+            return JSONResponse(LOADING, status_code=503)
+        snapshot = await anyio.to_thread.run_sync(reload)
+        return JSONResponse(snapshot.listing())
 
-
-async def reload(request: Request) -> JSONResponse:
-    """Admin: re-read the store (new adapters, new versions) without a restart."""
-    if not SERVED.ready:
-        return JSONResponse({"error": "models are still loading"}, status_code=503)
-    await anyio.to_thread.run_sync(SERVED.reload_adapters)
-    return JSONResponse(_listing())
-
-
-extras = Starlette(
-    routes=[Route("/", adapters, methods=["GET"]), Route("/reload", reload, methods=["POST"])]
-)
+    return Starlette(
+        routes=[
+            Route("/", adapters, methods=["GET"]),
+            Route("/reload", reload_adapters, methods=["POST"]),
+        ]
+    )

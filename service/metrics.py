@@ -1,11 +1,23 @@
 """The service's own Prometheus metrics, beside BentoML's (all on /metrics).
 
 Created on first use, inside the server process, where BentoML has set up its registry.
+
+The metrics live in files per process (Prometheus multiprocess mode). A gauge of a worker that
+was killed stayed in /metrics with its last value (a queue depth of 8 for ever), since BentoML
+never marks such a process dead: `start_worker` does, for every dead process, when a worker
+starts, and the gauges that count what is in flight are summed over live processes only.
+(BentoML's HTTP metrics are labelled by route, not path: see service.bentoml_fixes.)
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import re
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -22,6 +34,7 @@ def _metrics():
             name="bentolora_queue_depth",
             documentation="Requests waiting or running, per endpoint",
             labelnames=["endpoint"],
+            multiprocess_mode="livesum",
         ),
         "dropped": bentoml.metrics.Counter(
             name="bentolora_dropped_total",
@@ -56,3 +69,45 @@ def images(count: int) -> None:
 
 def oom() -> None:
     _metrics()["oom"].inc()
+
+
+def start_worker(endpoints=("/generate", "/score")) -> list[int]:
+    """At a worker's start: forget the live gauges of dead processes (a worker killed with
+    requests in flight left its queue depth behind), and show this worker's queues as empty.
+    Returns the dead processes' ids."""
+    dead = forget_dead_processes()
+    if dead:
+        log.info("gauges of dead worker process(es) %s reset", dead)
+    for endpoint in endpoints:
+        queue_depth(endpoint, 0)
+    return dead
+
+
+LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db")
+
+
+def forget_dead_processes(directory: str | None = None) -> list[int]:
+    """prometheus_client's `mark_process_dead` for every process whose live-gauge files are in
+    the multiprocess directory but which no longer runs. Counters and histograms are kept."""
+    import prometheus_client.multiprocess
+    import psutil
+
+    directory = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory or not Path(directory).is_dir():
+        return []
+    pids = {
+        int(match[1])
+        for path in Path(directory).iterdir()
+        if (match := LIVE_GAUGE_FILE.fullmatch(path.name))
+    }
+    dead = sorted(pid for pid in pids if not _running(pid, psutil))
+    for pid in dead:
+        prometheus_client.multiprocess.mark_process_dead(pid, directory)
+    return dead
+
+
+def _running(pid: int, psutil) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

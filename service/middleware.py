@@ -1,19 +1,27 @@
-"""The order of the gates in front of the API, outermost first: refuse pickle and oversized
-bodies; answer CORS (when configured, so preflights need no token); check the bearer token;
-admit into the bounded queue."""
+"""The order of the gates in front of the API, outermost first: answer 503 while draining, refuse
+pickle, repeated Content-Types and oversized bodies; answer CORS (when configured, so preflights
+need no token); check the bearer token; read the whole body within BENTOLORA_BODY_TIMEOUT_S (so a
+slow client holds no work slot); admit into the bounded queue; decode /score images in worker
+threads (so BentoML's validation, on the event loop, finds them decoded).
+
+BentoML's own gates are outside all of these: its HTTP metrics (labelled by route) and request
+timeout (both repaired in service.bentoml_fixes), and its concurrency cap."""
 
 from __future__ import annotations
 
 from starlette.middleware.cors import CORSMiddleware
 
-from service.admission import Admission
+from service.admission import Admission, RequestLimits
 from service.auth import BearerAuth
-from service.request_guard import RequestGuard
+from service.drain import Drain
+from service.predecode import DecodeScoreImages
+from service.request_guard import RequestGuard, WholeBody
 from service.settings import Settings
+from service.state import ServerState
 
 
-def install_middleware(service, settings: Settings) -> None:
-    service.add_asgi_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+def install_middleware(service, settings: Settings, state: ServerState, drain: Drain) -> None:
+    service.add_asgi_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, drain=drain)
     if settings.allowed_origins():
         service.add_asgi_middleware(
             CORSMiddleware,
@@ -24,4 +32,15 @@ def install_middleware(service, settings: Settings) -> None:
     service.add_asgi_middleware(
         BearerAuth, token=settings.bearer_token(), admin_token=settings.bearer_admin_token()
     )
-    service.add_asgi_middleware(Admission, max_queue=settings.max_queue)
+    service.add_asgi_middleware(WholeBody, timeout_s=settings.body_timeout_s)
+    service.add_asgi_middleware(
+        Admission,
+        max_queue=settings.max_queue,
+        live=state.live,
+        limits=RequestLimits.from_settings(settings),
+    )
+    service.add_asgi_middleware(
+        DecodeScoreImages,
+        max_bytes=settings.max_input_bytes,
+        max_pixels=settings.max_input_pixels,
+    )

@@ -1,38 +1,51 @@
-"""First gate of every request: no pickle bodies (any path, any port this app serves), JSON only
-on the API endpoints, and no body over the size cap, counted as it streams in so a missing
-Content-Length does not help."""
+"""The gates on a request's headers and body, before any parser or work slot sees it.
+
+`RequestGuard`, first gate of every request: while the server drains (after SIGTERM) it answers
+503 at once; no pickle bodies (any path, any port this app serves); exactly one Content-Type,
+and JSON only on the API endpoints (BentoML picks its parser from the first Content-Type header:
+a second one must not pick another parser than the one checked here); no body over the size
+cap, counted as it streams in so a missing Content-Length does not help.
+
+`WholeBody`, the last gate before admission (after the token check): reads the whole body within
+`BENTOLORA_BODY_TIMEOUT_S`, so a client that sends part of a body and goes idle never holds a
+work slot, and is answered 408 and cut off when its time is up.
+"""
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.drain import Drain
 
 JSON_PATHS = frozenset({"/generate", "/score"})
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, drain: Drain | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.drain = drain or Drain()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        media_type = headers.get("content-type", "").lower()
-        if "pickle" in media_type:
-            return await refuse(
-                scope, receive, send, 415, f"{media_type} bodies are refused; send JSON"
-            )
-        base_type = media_type.split(";")[0].strip()
-        if scope["path"].rstrip("/") in JSON_PATHS and base_type not in ("", "application/json"):
-            return await refuse(
-                scope, receive, send, 415, f"{base_type} bodies are refused; send application/json"
-            )
-        length = headers.get("content-length", "")
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            return await refuse(scope, receive, send, *refusal)
+        length = _header(scope, b"content-length")
         if length.isdigit() and int(length) > self.max_body_bytes:
             return await self._too_large(scope, receive, send)
 
+        counted_receive, tracked_send = self._capped(scope, receive, send)
+        with self.drain.tracking(scope["path"]):
+            await self.app(scope, counted_receive, tracked_send)
+
+    def _capped(self, scope: Scope, receive: Receive, send: Send) -> tuple[Receive, Send]:
+        """`receive` counting the body as it streams in, and `send` that stays quiet once the body
+        went over the cap and was answered 413."""
         seen = 0
         started = refused = False
 
@@ -59,10 +72,103 @@ class RequestGuard:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        await self.app(scope, counted_receive, tracked_send)
+        return counted_receive, tracked_send
+
+    def refusal(self, scope: Scope) -> tuple[int, str, dict[str, str]] | None:
+        """(status, message, headers) when the request's headers alone refuse it, else None."""
+        if self.drain.draining and not self.drain.serves_while_draining(scope["path"]):
+            return (
+                503,
+                "the server is shutting down; send this to another instance",
+                {"Retry-After": "1", "Connection": "close"},
+            )
+        content_types = [
+            v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"content-type"
+        ]
+        if len(content_types) > 1:
+            return (
+                400,
+                f"{len(content_types)} Content-Type headers ({', '.join(content_types)}); "
+                "send exactly one",
+                {"Connection": "close"},
+            )
+        media_type = content_types[0].lower() if content_types else ""
+        if "pickle" in media_type:
+            return 415, f"{media_type} bodies are refused; send JSON", {}
+        base_type = media_type.split(";")[0].strip()
+        if scope["path"].rstrip("/") in JSON_PATHS and base_type not in ("", "application/json"):
+            return 415, f"{base_type} bodies are refused; send application/json", {}
+        return None
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         await refuse(scope, receive, send, 413, f"request body is over {self.max_body_bytes} bytes")
+
+
+class WholeBody:
+    """Reads the request body to its end before the next gate (admission) sees the request, within
+    `timeout_s` from the request's headers; past it the answer is 408 and the connection closes.
+    The app then reads the same body, from memory (the size cap is RequestGuard's, upstream)."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float):
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _has_body(scope):
+            return await self.app(scope, receive, send)
+        chunks: list[bytes] = []
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        # the client left (or the size cap cut it off, answered 413 already)
+                        return await client_closed(send)
+                    chunks.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            return await refuse(
+                scope,
+                receive,
+                send,
+                408,
+                f"the request body was not complete within {self.timeout_s:g} s "
+                "(BENTOLORA_BODY_TIMEOUT_S)",
+                {"Connection": "close"},
+            )
+        body = b"".join(chunks)
+        chunks.clear()
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered, body
+            if not delivered:
+                delivered = True
+                message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+                return message
+            return await receive()  # after the body: the client's disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _has_body(scope: Scope) -> bool:
+    length = _header(scope, b"content-length")
+    return (length != "" and length != "0") or bool(_header(scope, b"transfer-encoding"))
+
+
+async def client_closed(send: Send) -> None:
+    """Answer a request whose client has gone with 499 (nginx's "client closed request"):
+    nobody reads it, but the access log then says what happened, not a 500 or nothing."""
+    await send({"type": "http.response.start", "status": 499, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def refuse(

@@ -7,17 +7,32 @@ from __future__ import annotations
 
 import bentoml
 
-from service.http_extras import extras
+from service import batcher, bentoml_fixes, metrics
+from service.drain import Drain
+from service.http_extras import adapter_routes
 from service.middleware import install_middleware
-from service.registry import SERVED
-from service.schemas import GenerateRequest, GenerateResponse, ScoreRequest, ScoreResponse
+from service.schemas import GenerateResponse, ScoreResponse, bind_requests
 from service.settings import Settings
+from service.state import ServedSnapshot, ServerState
 from service.ui import mount as mount_ui
 
 SETTINGS = Settings.from_env()
+STATE = ServerState(SETTINGS)
+"""What this server serves and how it is doing (service.state). BentoML builds the routes,
+middleware and request models below when it imports this module, before it creates the service
+instance, so the holder is made here and passed to each; the instance's engine publishes into it."""
+GenerateRequest, ScoreRequest = bind_requests(STATE)
+DRAIN = Drain(limit_s=SETTINGS.request_timeout_s + 5)
+"""Draining after SIGTERM (service.drain): the request guard answers 503 while it lasts."""
+bentoml_fixes.apply()  # metrics labelled by route, request timers cancelled
 
 
-@bentoml.asgi_app(extras, path="/adapters")
+def reload_adapters() -> ServedSnapshot:
+    """POST /adapters/reload: the running instance's engine re-reads the store."""
+    return bentoml.get_current_service().engine.reload_adapters()
+
+
+@bentoml.asgi_app(adapter_routes(STATE, reload_adapters), path="/adapters")
 @bentoml.service(
     name="bentolora",
     resources={"gpu": 1},
@@ -25,30 +40,44 @@ SETTINGS = Settings.from_env()
     # is BentoML's last-resort bound over every route.
     traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": 1024},
     workers=1,
+    # Threads for sync APIs. Ours are async: each endpoint's batcher runs its batches in a
+    # worker thread of its own (service.batcher), so a /score batch runs beside a /generate one.
+    threads=2,
 )
 class SDXLLoRA:
     def __init__(self) -> None:
         from service.engine import Engine
 
-        self.engine = Engine(SETTINGS)
+        self.state = STATE
+        metrics.start_worker()
+        self.engine = Engine(SETTINGS, STATE)
+        self.batches = batcher.for_engine(self.engine, SETTINGS)
+        DRAIN.take_over_sigterm()
 
     def __is_ready__(self) -> bool:
-        return SERVED.ready and not SERVED.broken
+        return self.state.ready
 
     def __is_alive__(self) -> bool:
         """False after an unrecoverable GPU error: the orchestrator restarts the container."""
-        return not SERVED.broken
+        return not self.state.live.broken
 
-    @bentoml.api(batchable=True, max_batch_size=16, max_latency_ms=600_000)
-    def generate(self, requests: list[GenerateRequest]) -> list[GenerateResponse]:
+    # Not BentoML's batchable APIs: its batcher learns how long to wait from past batches, and
+    # one large request taught it waits of many seconds for every later request. The service
+    # batches itself (service.batcher), with a fixed window and no memory.
+    @bentoml.api
+    async def generate(
+        self, requests: list[GenerateRequest], ctx: bentoml.Context
+    ) -> list[GenerateResponse]:
         """Images for prompts, with adapters mixed by weight; requests from many clients share a batch."""
-        return self.engine.generate(requests)
+        return await batcher.serve(self.batches.generate, requests, ctx)
 
-    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=60_000)
-    def score(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
+    @bentoml.api
+    async def score(
+        self, requests: list[ScoreRequest], ctx: bentoml.Context
+    ) -> list[ScoreResponse]:
         """CLIP scores of images against texts, and image-image similarity."""
-        return self.engine.score(requests)
+        return await batcher.serve(self.batches.score, requests, ctx)
 
 
-install_middleware(SDXLLoRA, SETTINGS)
-SDXLLoRA = mount_ui(SDXLLoRA, SETTINGS)
+install_middleware(SDXLLoRA, SETTINGS, STATE, DRAIN)
+SDXLLoRA = mount_ui(SDXLLoRA, SETTINGS, STATE)

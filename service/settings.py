@@ -8,6 +8,23 @@ from dataclasses import dataclass, fields
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LORA_MODES = ("fused", "peft")
+MINIMUMS = {
+    "encode_workers": 0,
+    "batch_window_ms": 0,
+    "max_batch_images": 1,
+    "max_pixels": 1,
+    "max_input_bytes": 1,
+    "max_input_pixels": 1,
+    "max_body_bytes": 1,
+    "body_timeout_s": 1,
+    "max_adapter_bytes": 1,
+    "max_queue": 1,
+    "max_queue_work": 1,
+    "max_request_items": 1,
+    "max_request_images": 1,
+    "request_timeout_s": 1,
+}
+"""The least value of each integer setting."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,11 @@ class Settings:
     max_body_bytes: int = 64 * 2**20
     """BENTOLORA_MAX_BODY_BYTES: size of one request body at most (413 past it). Raise it only
     if clients send many large images to /score at once."""
+    body_timeout_s: int = 60
+    """BENTOLORA_BODY_TIMEOUT_S: seconds a client has to send a whole request body, counted from
+    its headers; past it the request is answered 408 and its connection closed. No request is
+    queued for work before its body is complete. Raise it for clients that upload large /score
+    bodies over slow links."""
     max_adapter_bytes: int = 2**30
     """BENTOLORA_MAX_ADAPTER_BYTES: size of one adapter's weights file at most (refused past
     it, with the reason in GET /adapters). Raise it for very high-rank adapters."""
@@ -45,6 +67,26 @@ class Settings:
     """BENTOLORA_MAX_QUEUE: requests waiting or running per endpoint (/generate, /score); more
     are refused at once with 429 and Retry-After. About what the GPU serves within your
     clients' timeout; past it, clients retry instead of waiting."""
+    max_queue_work: int = 1920
+    """BENTOLORA_MAX_QUEUE_WORK: work waiting or running on /generate at most, in denoising steps
+    of a 1024×1024 image (an image of w×h pixels at s steps counts s × w × h / 1024²; 1920 is 64
+    such images at 30 steps). A request that would pass it is refused at once with 429 and
+    Retry-After; one bigger than all of it, with 400. About what the GPU computes within your
+    clients' timeout: raise it on a fast GPU, lower it when queued requests time out."""
+    max_request_items: int = 16
+    """BENTOLORA_MAX_REQUEST_ITEMS: entries of `requests` in one /generate or /score body at
+    most (400 naming it past that). Clients with more send several requests, which the server
+    batches together anyway."""
+    max_request_images: int = 32
+    """BENTOLORA_MAX_REQUEST_IMAGES: images in one request at most: generated (num_images summed
+    over its entries) for /generate, sent for /score (400 naming it past that); also the images
+    one /generate batch collects from several requests (computed in pipeline calls of
+    BENTOLORA_MAX_BATCH_IMAGES). Bounds how long others wait behind one request or batch."""
+    batch_window_ms: int = 10
+    """BENTOLORA_BATCH_WINDOW_MS: how long an idle server waits for more requests to batch with
+    the first one (a batch starts sooner once it holds BENTOLORA_MAX_REQUEST_IMAGES images;
+    requests that arrive while a batch runs join the next at once). A lone request's latency
+    grows by this much; raise it only when many clients send at nearly the same moment."""
     request_timeout_s: int = 600
     """BENTOLORA_REQUEST_TIMEOUT_S: a request not started by then is dropped before the GPU (the
     client has been answered 504). Match it to your clients' or load balancer's timeout."""
@@ -102,21 +144,10 @@ class Settings:
             problems.append(f"BENTOLORA_DTYPE={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"BENTOLORA_DEVICE={self.device!r} is not auto, cpu, cuda or cuda:N")
-        if self.encode_workers < 0:
-            problems.append(f"BENTOLORA_ENCODE_WORKERS={self.encode_workers} must be at least 0")
-        for name in (
-            "max_batch_images",
-            "max_pixels",
-            "max_input_bytes",
-            "max_input_pixels",
-            "max_body_bytes",
-            "max_adapter_bytes",
-            "max_queue",
-            "request_timeout_s",
-        ):
-            if getattr(self, name) < 1:
+        for name, least in MINIMUMS.items():
+            if getattr(self, name) < least:
                 problems.append(
-                    f"BENTOLORA_{name.upper()}={getattr(self, name)} must be at least 1"
+                    f"BENTOLORA_{name.upper()}={getattr(self, name)} must be at least {least}"
                 )
         for name in ("token", "admin_token"):
             if getattr(self, name) and getattr(self, f"{name}_file"):

@@ -3,12 +3,14 @@
 The UI is one more client of the service: it calls `/generate` and `/adapters/` over loopback
 with the token the user types, so the same checks, batching, queue bound and limits apply to it
 as to any client, and opening the UI reveals nothing a token would guard. What it reads directly
-from the process is public anyway: health (as /readyz) and the denoising progress of the batch
-running on the GPU.
+from the process without the token is public anyway: whether the server is ready (as /readyz)
+and the denoising progress of the batch running on the GPU; the base's native size (the form's
+starting size) only once the token has listed the adapters. Generated images reach the browser
+as data URLs inside the answer, never as files: Gradio would keep a file in its cache folder and
+serve it to anyone who has its path.
 """
 
-import base64
-import io
+import html
 import logging
 import threading
 import time
@@ -16,11 +18,10 @@ from typing import Any
 
 import gradio as gr
 import httpx
-from PIL import Image
 
-from service.registry import SERVED
 from service.schedulers import SCHEDULERS
 from service.settings import Settings
+from service.state import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -71,44 +72,74 @@ def _error_text(response: httpx.Response) -> str:
     return " ".join(str(body.get("error") or details or body).split())
 
 
-def health_text() -> str:
-    """What /livez and /readyz say, in words."""
-    if SERVED.broken:
-        return f"Server: **broken**: {SERVED.broken} (the orchestrator will restart it)"
-    if not SERVED.ready:
+def health_text(state: ServerState) -> str:
+    """What /livez and /readyz say, in words: nothing they do not (no base, no error text; those
+    are for clients with the token: GET /adapters/ names the base)."""
+    live, snapshot = state.live, state.snapshot
+    if live.broken:
+        return "Server: **broken** (the orchestrator will restart it)"
+    if not snapshot.loaded:
         return "Server: **loading** the models…"
-    step, steps = SERVED.progress
+    step, steps = live.progress
     busy = f" · GPU busy (step {step}/{steps})" if steps else " · GPU idle"
-    return f"Server: **ready** · base `{SERVED.base_tag}`{busy}"
+    return f"Server: **ready**{busy}"
 
 
-def list_adapters(token: str, request: gr.Request) -> tuple[Any, ...]:
-    """The adapters the server serves, asked over HTTP with the user's token; without a valid
-    token the list stays empty and says why."""
-    unchanged = tuple(gr.update() for _ in range(ADAPTER_SLOTS))
+def fetch_adapters(token: str, request: gr.Request | None) -> tuple[dict | None, str]:
+    """GET /adapters/ over HTTP with the user's token: (the listing, '') or (None, why not)."""
     try:
         response = httpx.get(
             server_address(request) + "/adapters/", headers=_headers(token), timeout=30
         )
     except httpx.HTTPError as err:
-        return (*unchanged, f"cannot reach the service: {err}")
+        return None, f"cannot reach the service: {err}"
     if response.status_code == 401:
-        return (*unchanged, f"enter the token to list the adapters ({_error_text(response)})")
+        return None, f"enter the token to list the adapters ({_error_text(response)})"
     if response.status_code != 200:
-        return (*unchanged, f"adapters: {response.status_code} {_error_text(response)}")
-    rows = response.json()["adapters"]
+        return None, f"adapters: {response.status_code} {_error_text(response)}"
+    return response.json(), ""
+
+
+def adapter_updates(listing: dict | None, why_not: str) -> tuple[Any, ...]:
+    """The adapter dropdowns and the line above them, from a listing (or why there is none)."""
+    if listing is None:
+        return (*(gr.update() for _ in range(ADAPTER_SLOTS)), why_not)
+    rows = listing["adapters"]
     names = [NO_ADAPTER] + [row["name"] for row in rows]
     summary = ", ".join(f"`{r['name']}` (v {r['version']}, rank {r['rank']})" for r in rows)
+    adapters = f"Adapters: {summary}" if rows else "No adapters for this base in the store."
     return (
         *(gr.update(choices=names) for _ in range(ADAPTER_SLOTS)),
-        f"Adapters: {summary}" if rows else "No adapters for this base in the store.",
+        f"Base `{listing.get('base')}` · {adapters}",
     )
 
 
-def default_size() -> tuple[Any, Any]:
-    """The base's native size (known once it is loaded) as the form's starting size."""
-    size = SERVED.default_size
-    return gr.update(value=size), gr.update(value=size)
+def list_adapters(token: str, request: gr.Request) -> tuple[Any, ...]:
+    """The adapters the server serves, asked over HTTP with the user's token; without a valid
+    token the list stays empty and says why."""
+    return adapter_updates(*fetch_adapters(token, request))
+
+
+def gallery_html(images: list[dict[str, Any]]) -> str:
+    """The images the service returned (base64, as it sent them) as data URLs in the page: held
+    by the browser only, never written to a file that a URL could serve to someone else."""
+    figures = []
+    for item in images:
+        media = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}.get(
+            str(item.get("format")), "image/png"
+        )
+        source = html.escape(f"data:{media};base64,{item['image']}", quote=True)
+        caption = html.escape(f"seed {item['seed']}")
+        figures.append(
+            f'<figure style="margin:0"><img src="{source}" alt="{caption}" '
+            'style="width:100%;height:auto">'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
+    return (
+        '<div style="display:grid;grid-template-columns:repeat(2,1fr);gap:8px">'
+        + "".join(figures)
+        + "</div>"
+    )
 
 
 def build_request(
@@ -144,74 +175,96 @@ def build_request(
     return body
 
 
-def call_generate(url: str, token: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+def call_generate(
+    url: str, token: str, body: dict[str, Any], timeout_s: float
+) -> list[dict[str, Any]]:
     response = httpx.post(
         url + "/generate",
         json={"requests": [body]},
         headers=_headers(token),
-        timeout=SERVED.settings.request_timeout_s + 30,
+        timeout=timeout_s,
     )
     if response.status_code != 200:
         raise UIError(f"{response.status_code}: {_error_text(response)}")
     return response.json()[0]["images"]
 
 
-def generate(
-    token: str,
-    prompt: str,
-    negative: str,
-    adapter_1: str,
-    scale_1: float,
-    adapter_2: str,
-    scale_2: float,
-    adapter_3: str,
-    scale_3: float,
-    width: float,
-    height: float,
-    steps: float,
-    guidance: float,
-    scheduler: str,
-    seed: float | None,
-    num_images: float,
-    request: gr.Request,
-    progress=gr.Progress(),  # noqa: B008 - Gradio finds the progress tracker by this default
-) -> tuple[list, list[dict[str, Any]], int | None]:
-    """Send the form to /generate and show progress until the images come back."""
-    adapters = [(adapter_1, scale_1), (adapter_2, scale_2), (adapter_3, scale_3)]
-    body = build_request(
-        prompt, negative, adapters, width, height, steps, guidance, scheduler, seed, num_images
-    )
-    outcome: dict[str, Any] = {}
+class ServerView:
+    """The UI's handlers that read this process's state (health, the GPU's progress, the base's
+    size), bound to it: Gradio reads a handler's parameters, so they are methods."""
 
-    def call() -> None:
-        try:
-            outcome["images"] = call_generate(server_address(request), token, body)
-        except (UIError, httpx.HTTPError) as err:
-            outcome["error"] = str(err)
-        except Exception as err:  # an answer the UI cannot read: say so, not a bare KeyError
-            log.exception("UI call to /generate failed")
-            outcome["error"] = f"unexpected answer from the service: {err}"
+    def __init__(self, state: ServerState):
+        self.state = state
 
-    worker = threading.Thread(target=call, daemon=True)
-    worker.start()
-    progress(0.0, desc="queued")
-    while worker.is_alive():
-        worker.join(0.1)
-        done, total = SERVED.progress
-        if total:
-            progress((done, total), desc="denoising (the batch on the GPU)", unit="steps")
-    if "error" in outcome:
-        raise gr.Error(outcome["error"])
-    images = outcome["images"]
-    gallery = [
-        (Image.open(io.BytesIO(base64.b64decode(item["image"]))), f"seed {item['seed']}")
-        for item in images
-    ]
-    metadata = [{k: v for k, v in item.items() if k != "image"} for item in images]
-    return gallery, metadata, images[0]["seed"] if images else None
+    def health(self) -> str:
+        return health_text(self.state)
+
+    def sign_in(self, token: str, request: gr.Request) -> tuple[Any, ...]:
+        """The adapter list (as `list_adapters`) and, once the token has been accepted by the
+        service, the base's native size as the form's starting size."""
+        listing, why_not = fetch_adapters(token, request)
+        if listing is None:  # the service refused the token (or is not ready): no size either
+            return (*adapter_updates(listing, why_not), gr.update(), gr.update())
+        size = self.state.snapshot.default_size
+        return (*adapter_updates(listing, why_not), gr.update(value=size), gr.update(value=size))
+
+    def generate(
+        self,
+        token: str,
+        prompt: str,
+        negative: str,
+        adapter_1: str,
+        scale_1: float,
+        adapter_2: str,
+        scale_2: float,
+        adapter_3: str,
+        scale_3: float,
+        width: float,
+        height: float,
+        steps: float,
+        guidance: float,
+        scheduler: str,
+        seed: float | None,
+        num_images: float,
+        request: gr.Request,
+        progress=gr.Progress(),  # noqa: B008 - Gradio finds the progress tracker by this default
+    ) -> tuple[str, list[dict[str, Any]], int | None]:
+        """Send the form to /generate and show progress until the images come back."""
+        adapters = [(adapter_1, scale_1), (adapter_2, scale_2), (adapter_3, scale_3)]
+        body = build_request(
+            prompt, negative, adapters, width, height, steps, guidance, scheduler, seed, num_images
+        )
+        outcome: dict[str, Any] = {}
+        snapshot = self.state.snapshot
+
+        def call() -> None:
+            try:
+                outcome["images"] = call_generate(
+                    server_address(request), token, body, snapshot.settings.request_timeout_s + 30
+                )
+            except (UIError, httpx.HTTPError) as err:
+                outcome["error"] = str(err)
+            except Exception as err:  # an answer the UI cannot read: say so, not a bare KeyError
+                log.exception("UI call to /generate failed")
+                outcome["error"] = f"unexpected answer from the service: {err}"
+
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        progress(0.0, desc="queued")
+        while worker.is_alive():
+            worker.join(0.1)
+            done, total = self.state.live.progress
+            if total:
+                progress((done, total), desc="denoising (the batch on the GPU)", unit="steps")
+        if "error" in outcome:
+            raise gr.Error(outcome["error"])
+        images = outcome["images"]
+        metadata = [{k: v for k, v in item.items() if k != "image"} for item in images]
+        return gallery_html(images), metadata, images[0]["seed"] if images else None
 
 
-def build_ui(settings: Settings) -> gr.Blocks:
+def build_ui(settings: Settings, state: ServerState) -> gr.Blocks:
+    view = ServerView(state)
     needs_token = bool(settings.bearer_token())
     with gr.Blocks(title="bentolora", analytics_enabled=False) as ui:
         gr.Markdown("# bentolora · SDXL with LoRA adapters")
@@ -268,9 +321,8 @@ def build_ui(settings: Settings) -> gr.Blocks:
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     reuse = gr.Button("Reuse seed", elem_id="reuse-seed")
-                gallery = gr.Gallery(
-                    label="Images", columns=2, height=420, format="png", elem_id="gallery"
-                )
+                gr.Markdown("Images")
+                gallery = gr.HTML(elem_id="gallery", js_on_load=None)
                 metadata = gr.JSON(label="Metadata of each image", elem_id="metadata")
         last_seed = gr.State(None)
 
@@ -287,25 +339,25 @@ def build_ui(settings: Settings) -> gr.Blocks:
             seed,
             num_images,
         ]
-        run.click(generate, inputs, [gallery, metadata, last_seed], concurrency_limit=None)
-        prompt.submit(generate, inputs, [gallery, metadata, last_seed], concurrency_limit=None)
+        outputs = [gallery, metadata, last_seed]
+        run.click(view.generate, inputs, outputs, concurrency_limit=None)
+        prompt.submit(view.generate, inputs, outputs, concurrency_limit=None)
         reuse.click(lambda s: -1 if s is None else s, last_seed, seed)
         adapter_outputs = [*slots[0::2], adapters_info]
         refresh.click(list_adapters, token, adapter_outputs)
-        token.submit(list_adapters, token, adapter_outputs)
-        ui.load(list_adapters, token, adapter_outputs)
-        ui.load(default_size, None, [width, height])
-        ui.load(health_text, None, health)
-        gr.Timer(2).tick(health_text, outputs=health)
+        token.submit(view.sign_in, token, [*adapter_outputs, width, height])
+        ui.load(view.sign_in, token, [*adapter_outputs, width, height])
+        ui.load(view.health, None, health)
+        gr.Timer(2).tick(view.health, outputs=health)
     return ui
 
 
-def mount(service_class: Any, settings: Settings) -> Any:
+def mount(service_class: Any, settings: Settings, state: ServerState) -> Any:
     """Mount the UI at /ui unless BENTOLORA_UI=0."""
     if not settings.ui:
         return service_class
     started = time.perf_counter()
-    ui = build_ui(settings)
+    ui = build_ui(settings, state)
     # BentoML's mount skips what Gradio 6 does in launch() and in its own mount: choosing the
     # theme and computing the page's CSS from it (without them the page fails to render).
     ui.theme = gr.themes.Default()

@@ -9,7 +9,6 @@ import torch
 from test_lora_fusion import make_adapter
 
 from service.engine import Engine
-from service.registry import SERVED
 from service.schemas import GenerateRequest
 from service.settings import Settings
 
@@ -69,7 +68,7 @@ def eager(store):
 @pytest.mark.slow
 def test_compiled_blocks_switch_adapters_without_recompiling(store, eager):
     fast = engine(compile="blocks", fuse_qkv=True, channels_last=True, warmup=True)
-    assert SERVED.ready
+    assert fast.state.ready
     from torch._dynamo.utils import counters
 
     compiled_before = counters["stats"]["unique_graphs"]

@@ -70,12 +70,15 @@ def test_local_labels_and_cuda_only_packages_are_not_locked():
     installed = {
         "torch": "2.13.0+cpu",
         "nvidia-cublas-cu12": "12.8.4.1",
+        "nvidia-cudnn": "9.1.0",
         "triton": "3.5.0",
         "pip": "25.0",
         "bentolora": "0.1.0",
         "numpy": "2.4.6",
     }
     assert lock.lockable(installed) == {"torch": "2.13.0", "numpy": "2.4.6"}
+    # bentoml's NVML binding is an ordinary dependency, locked like any other
+    assert lock.lockable({"nvidia-ml-py": "13.615.71"}) == {"nvidia-ml-py": "13.615.71"}
     # a GPU machine's CUDA build of the locked torch passes the check
     problems, notes = lock.compare({"torch": "2.13.0", "numpy": "2.4.6"}, installed)
     assert problems == [] and notes == []

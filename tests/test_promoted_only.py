@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from models.loading import load_pipeline
 from models.stages import promote
-from service.engine import Engine
-from service.registry import SERVED
+from service.adapter_selection import select_adapters
 from service.settings import Settings
 from tests.store_helpers import one_layer_adapter
 
@@ -40,31 +37,26 @@ def test_every_bad_variable_is_reported_at_once():
 
 
 @pytest.fixture
-def engine(tiny_base, monkeypatch):
-    """Just what Engine.refresh_adapters reads, with the registry restored afterwards."""
-    for name in ("adapters", "refused_adapters", "foreign_adapters"):
-        monkeypatch.setattr(SERVED, name, {})
-    pipe = load_pipeline(f"store:{tiny_base.tag}")
-    return SimpleNamespace(base=tiny_base, pipe=pipe, settings=Settings())
+def pipe(tiny_base):
+    return load_pipeline(f"store:{tiny_base.tag}")
 
 
-def test_promoted_only_serves_the_newest_production_version(engine, tiny_base):
+def test_promoted_only_serves_the_newest_production_version(pipe, tiny_base):
     promoted = one_layer_adapter("gated", tiny_base, 0.01)
     newer = one_layer_adapter("gated", tiny_base, 0.02)
     never = one_layer_adapter("never-promoted", tiny_base, 0.01)
     promote(promoted)
 
-    Engine.refresh_adapters(engine)
-    assert SERVED.adapters["gated"].tag == newer.tag  # off: the newest version
-    assert SERVED.adapters["never-promoted"].tag == never.tag
+    found = select_adapters(pipe, tiny_base, Settings())
+    assert found.served["gated"].tag == newer.tag  # off: the newest version
+    assert found.served["never-promoted"].tag == never.tag
 
-    engine.settings = Settings(promoted_only=True)
-    Engine.refresh_adapters(engine)
-    assert SERVED.adapters["gated"].tag == promoted.tag
-    assert "gated" not in SERVED.refused_adapters  # a promoted version exists
-    assert "never-promoted" not in SERVED.adapters
-    assert SERVED.refused_adapters["never-promoted"] == NOT_PROMOTED
+    found = select_adapters(pipe, tiny_base, Settings(promoted_only=True))
+    assert found.served["gated"].tag == promoted.tag
+    assert "gated" not in found.refused  # a promoted version exists
+    assert "never-promoted" not in found.served
+    assert found.refused["never-promoted"] == NOT_PROMOTED
 
     promote(newer)  # the older one is archived, so the newer one is served
-    Engine.refresh_adapters(engine)
-    assert SERVED.adapters["gated"].tag == newer.tag
+    found = select_adapters(pipe, tiny_base, Settings(promoted_only=True))
+    assert found.served["gated"].tag == newer.tag

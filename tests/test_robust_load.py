@@ -102,14 +102,31 @@ def expected_answers(url: str):
     return generate, score
 
 
-def matches(kind: str, index: int, answer: dict, expected) -> bool:
+BATCH_TOLERANCE = 1
+"""What README.md and docs/robustness.md state: an image served in a batch is within 1/255 (per
+channel value) of the same request served alone; batched matmuls take other BLAS paths, so
+equality is not promised."""
+
+
+def matches(
+    kind: str, index: int, answer: dict, expected, differences: Counter | None = None
+) -> bool:
+    """`answer` is what the request sent alone got (images within BATCH_TOLERANCE); the largest
+    difference of each image is counted in `differences`."""
     if kind == "/generate":
         want = expected[0][index]["images"]
         got = answer["images"]
-        return len(got) == len(want) and all(
-            g["seed"] == w["seed"] and np.abs(pixels(g["image"]) - pixels(w["image"])).max() <= 2
+        if len(got) != len(want) or any(
+            g["seed"] != w["seed"] for g, w in zip(got, want, strict=True)
+        ):
+            return False
+        largest = [
+            int(np.abs(pixels(g["image"]) - pixels(w["image"])).max())
             for g, w in zip(got, want, strict=True)
-        )
+        ]
+        if differences is not None:
+            differences.update(largest)
+        return max(largest) <= BATCH_TOLERANCE
     want = expected[1][index]
     return np.allclose(answer["clip_scores"], want["clip_scores"], atol=1e-3) and np.allclose(
         answer["image_similarity"], want["image_similarity"], atol=1e-4
@@ -121,6 +138,7 @@ def test_32_clients_for_60_s_get_right_answers_no_5xx_and_bounded_memory(loaded)
     expected = expected_answers(url)
     statuses: Counter[int] = Counter()
     wrong: list[str] = []
+    differences: Counter[int] = Counter()
     latencies: list[float] = []
     stop = time.monotonic() + LOAD_SECONDS
     lock = threading.Lock()
@@ -138,7 +156,7 @@ def test_32_clients_for_60_s_get_right_answers_no_5xx_and_bounded_memory(loaded)
                     latencies.append(time.perf_counter() - started)
                     statuses[response.status_code] += 1
                     if response.status_code == 200 and not matches(
-                        kind, index, response.json()[0], expected
+                        kind, index, response.json()[0], expected, differences
                     ):
                         wrong.append(f"{kind}[{index}]")
                 i += 1
@@ -153,7 +171,7 @@ def test_32_clients_for_60_s_get_right_answers_no_5xx_and_bounded_memory(loaded)
     warm = [mb for t, mb in samples if t >= WARMUP_SECONDS]
     growth = warm[-1] - warm[0]
     batches = re.findall(
-        r'bentoml_service_adaptive_batch_size_bucket\{[^}]*le="1.0"[^}]*method_name="generate"[^}]*\} (\S+)',
+        r'bentolora_batch_requests_bucket\{[^}]*endpoint="/generate"[^}]*le="1.0"[^}]*\} (\S+)',
         httpx.get(url + "/metrics").text,
     )
     report = {
@@ -162,6 +180,7 @@ def test_32_clients_for_60_s_get_right_answers_no_5xx_and_bounded_memory(loaded)
         "requests": sum(statuses.values()),
         "statuses": dict(statuses),
         "wrong": len(wrong),
+        "images_by_largest_difference_to_alone": dict(sorted(differences.items())),
         "latency_p50_s": round(float(np.percentile(latencies, 50)), 3),
         "latency_p95_s": round(float(np.percentile(latencies, 95)), 3),
         "rss_after_warmup_mb": round(warm[0]),

@@ -4,10 +4,13 @@ schema. One real `bentoml serve` on loopback with the tiny models, on a CPU."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import io
 import json
+import logging
+import os
 import pickle
 import re
 import subprocess
@@ -18,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from bentoml.exceptions import BentoMLException
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -26,6 +30,7 @@ from models.bases import save_base
 from models.clip import build_tiny_clip, save_clip
 from models.store import create_entry
 from models.tiny import build_tiny_pipeline
+from service.client import AsyncClient, Client
 from tests.service_helpers import pixels, server_env, start_server, stop_server
 from tests.store_helpers import LAYER, one_layer, one_layer_adapter, tiny_info
 
@@ -188,6 +193,112 @@ def test_cors_only_for_the_configured_origin(http):
     assert "access-control-allow-origin" not in simple.headers
 
 
+# --- the Python clients and the command line, with the token
+
+
+def test_the_client_takes_the_token_and_says_when_it_is_missing(guarded):
+    for token, why in ((None, "missing bearer token"), ("wrong", "wrong bearer token")):
+        with pytest.raises(BentoMLException) as refused:
+            Client(guarded["url"], token=token, timeout=60)
+        assert refused.value.error_code == 401 and why in str(refused.value)
+    with Client(guarded["url"], token=TOKEN, timeout=120) as client:
+        assert client.is_ready()
+        assert "good" in {row["name"] for row in client.adapters()}
+        [image] = client.generate(
+            "a red square",
+            negative_prompt="blue",
+            seed=7,
+            scheduler="ddim",
+            adapters={"good": 0.5},
+            output_format="webp",
+            **SMALL,
+        )
+        assert image.seed == 7 and image.format == "webp" and image.image.format == "WEBP"
+        assert image.settings["scheduler"] == "ddim"
+        assert [(a["name"], a["scale"]) for a in image.adapters] == [("good", 0.5)]
+        scores = client.score([image.image], ["a red square"])
+        assert len(scores.clip_scores) == 1 and scores.image_similarity[0][0] > 0.999
+        with pytest.raises(BentoMLException) as bad:
+            client.generate("a red square", width=60, height=64, steps=2)
+        assert bad.value.error_code == 400 and "multiple of 8" in str(bad.value)
+
+
+def test_the_async_client_with_the_token_matches_the_blocking_one(guarded):
+    async def run():
+        async with AsyncClient(guarded["url"], token=TOKEN, timeout=120) as client:
+            ready = await client.is_ready()
+            adapters = await client.adapters()
+            batches = await asyncio.gather(
+                *(client.generate("a red square", seed=7 + i, **SMALL) for i in range(3))
+            )
+            scores = await client.score([batches[0][0].image], ["a red square"])
+        return ready, adapters, batches, scores
+
+    ready, adapters, batches, scores = asyncio.run(run())
+    assert ready and "good" in {row["name"] for row in adapters}
+    assert [images[0].seed for images in batches] == [7, 8, 9]
+    assert scores.image_similarity[0][0] > 0.999
+    with Client(guarded["url"], token=TOKEN, timeout=120) as client:
+        [blocking] = client.generate("a red square", seed=7, **SMALL)
+    assert abs(pixels(batches[0][0].image) - pixels(blocking.image)).max() <= 2
+
+    async def without_token():
+        async with AsyncClient(guarded["url"], timeout=60):
+            pass
+
+    with pytest.raises(BentoMLException) as refused:
+        asyncio.run(without_token())
+    assert refused.value.error_code == 401
+
+
+def cli(guarded, *args: str, token: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "BENTOLORA_TOKEN"}
+    if token is not None:
+        env["BENTOLORA_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "--url", guarded["url"], "--timeout", "120", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
+
+
+def test_the_command_line_takes_the_token_from_the_option_or_the_environment(guarded, tmp_path):
+    assert "good" in {
+        row["name"] for row in json.loads(cli(guarded, "adapters", token=TOKEN).stdout)
+    }
+    listed = cli(guarded, "--token", TOKEN, "adapters")
+    assert listed.returncode == 0 and "good" in listed.stdout, listed.stderr
+    out = tmp_path / "square.png"
+    made = cli(
+        guarded,
+        "--token",
+        TOKEN,
+        "generate",
+        "a red square",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "-o",
+        str(out),
+        token="wrong",
+    )
+    assert made.returncode == 0 and "seed 3" in made.stdout, made.stderr  # --token wins
+    assert Image.open(out).size == (64, 64)
+    for token, why in ((None, "missing bearer token"), ("wrong", "wrong bearer token")):
+        refused = cli(guarded, "adapters", token=token)
+        assert (
+            refused.returncode == 1 and why in refused.stderr and "Traceback" not in refused.stderr
+        )
+
+
 # --- hostile bodies
 
 
@@ -294,6 +405,35 @@ def test_out_of_memory_on_one_image_is_503_and_the_next_request_succeeds(http, g
     assert generate(http).status_code == 200
 
 
+# --- a score beside an image batch
+
+
+def test_a_score_is_answered_while_an_image_batch_runs(http, guarded):
+    """/score does not wait behind /generate: with an image batch held in the pipeline
+    (failpoint `hang`, which logs when reached), a score is answered; the batch finishes once
+    released."""
+    log = guarded["log"]
+    hangs = log.read_text().count("failpoint pipeline: hanging")
+    score = {"requests": [{"images": [png_b64()], "texts": ["a green square"]}]}
+    guarded["faults"].write_text("pipeline=hang")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        try:
+            generating = pool.submit(generate, http, prompt="held in the pipeline")
+            deadline = time.monotonic() + 120
+            while log.read_text().count("failpoint pipeline: hanging") == hangs:
+                assert time.monotonic() < deadline and not generating.done()
+                time.sleep(0.05)
+            scoring = pool.submit(http.post, "/score", json=score, headers=USER)
+            done, _ = concurrent.futures.wait(
+                [scoring, generating], timeout=100, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            assert done == {scoring}, "the score waited for the image batch"
+        finally:
+            guarded["faults"].write_text("")  # releases the batch
+        assert scoring.result().status_code == 200, scoring.result().text
+        assert generating.result().status_code == 200
+
+
 # --- overload
 
 
@@ -304,21 +444,28 @@ def queue_depth(http) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+SLOW = {"requests": [{"prompt": "slow", "seed": 1, **SMALL, "steps": 40, "num_images": 2}]}
+
+
+def fill_the_queue(pool, guarded, http) -> list[concurrent.futures.Future]:
+    """MAX_QUEUE slow requests in flight, so the next one is refused; their futures."""
+    accepted = [
+        pool.submit(httpx.post, guarded["url"] + "/generate", json=SLOW, headers=USER, timeout=120)
+        for _ in range(MAX_QUEUE)
+    ]
+    deadline = time.monotonic() + 30
+    while queue_depth(http) < MAX_QUEUE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert queue_depth(http) == MAX_QUEUE
+    return accepted
+
+
 def test_overload_is_refused_at_once_with_retry_after_and_accepted_requests_finish(http, guarded):
     """The queue full with slow requests, then 3× as many more (4× capacity in all): the excess
     is answered 429 in < 100 ms while the CPU is busy denoising, and the accepted ones finish."""
-    slow = {"requests": [{"prompt": "slow", "seed": 1, **SMALL, "steps": 40, "num_images": 2}]}
+    slow = SLOW
     with concurrent.futures.ThreadPoolExecutor(MAX_QUEUE) as pool:
-        accepted = [
-            pool.submit(
-                httpx.post, guarded["url"] + "/generate", json=slow, headers=USER, timeout=120
-            )
-            for _ in range(MAX_QUEUE)
-        ]
-        deadline = time.monotonic() + 30
-        while queue_depth(http) < MAX_QUEUE and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert queue_depth(http) == MAX_QUEUE
+        accepted = fill_the_queue(pool, guarded, http)
         refusals = []
         for _ in range(3 * MAX_QUEUE):
             started = time.perf_counter()
@@ -337,6 +484,24 @@ def test_overload_is_refused_at_once_with_retry_after_and_accepted_requests_fini
         assert f"queued (limit {MAX_QUEUE})" in response.json()["error"]
     assert times[-1] < 0.1
     assert 'bentolora_refused_total{endpoint="/generate"}' in http.get("/metrics").text
+
+
+def test_the_client_waits_out_429_as_retry_after_says(http, guarded, caplog):
+    """With the queue full, a client that may not retry gets the 429; one that may waits as the
+    server's Retry-After says and gets its image once the queue has room."""
+    with Client(guarded["url"], token=TOKEN, timeout=120, retries=0) as impatient:
+        with Client(guarded["url"], token=TOKEN, timeout=120, retries=30) as patient:
+            with concurrent.futures.ThreadPoolExecutor(MAX_QUEUE) as pool:
+                accepted = fill_the_queue(pool, guarded, http)
+                with pytest.raises(BentoMLException) as refused:
+                    impatient.generate("a red square", seed=7, **SMALL)
+                with caplog.at_level(logging.INFO, logger="service.client"):
+                    [image] = patient.generate("a red square", seed=7, **SMALL)
+                results = [f.result() for f in accepted]
+    assert refused.value.error_code == 429 and "queued (limit" in str(refused.value)
+    assert image.seed == 7 and all(r.status_code == 200 for r in results)
+    waits = [r.getMessage() for r in caplog.records if "answered 429" in r.getMessage()]
+    assert waits, "the queue was full, yet the patient client was never refused"
 
 
 # --- fuzzing from the OpenAPI schema

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def server(tiny_base, tmp_path_factory):
     save_clip(*build_tiny_clip(0), "clip-tiny", source="tiny:seed=0", reuse_identical=True)
     one_layer_adapter("ui-style", tiny_base, value=0.05)
     one_layer_adapter("ui-other", tiny_base, value=-0.05)
-    proc, url = start_server({**server_env(), "BENTOLORA_TOKEN": TOKEN}, tmp / "server.log")
+    # Gradio's cache folder (where it keeps the files it serves at /ui/gradio_api/file=...).
+    env = {**server_env(), "BENTOLORA_TOKEN": TOKEN, "GRADIO_TEMP_DIR": str(tmp / "gradio")}
+    proc, url = start_server(env, tmp / "server.log")
     yield url
     stop_server(proc)
 
@@ -91,13 +94,14 @@ def sign_in(page, url: str) -> None:
 
 
 def gallery_images(page) -> list[np.ndarray]:
-    """The gallery's images as pixels, fetched by the browser from the UI's own URLs."""
+    """The gallery's images as pixels, as the page holds them: data URLs (never files on the
+    server, which anyone with the path could download)."""
     sources = page.locator("#gallery img").evaluate_all("imgs => imgs.map(i => i.src)")
     out = []
     for src in sources:
-        response = page.request.get(src)
-        assert response.ok, src
-        out.append(np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB")))
+        assert src.startswith("data:image/png;base64,"), src[:80]
+        data = base64.b64decode(src.split(",", 1)[1])
+        out.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
     return out
 
 
@@ -206,6 +210,10 @@ def test_gradio_routes_the_ui_does_not_use_are_closed_and_out_of_the_api_schema(
             ("GET", "/ui/gradio_api/proxy=http://example.com/"),
             ("GET", "/ui/monitoring"),
             ("POST", "/ui/gradio_api/vibe-edit/"),
+            ("GET", "/ui/gradio_api/file=/etc/hostname"),
+            ("GET", "/ui/gradio_api/file/etc/hostname"),
+            ("GET", "/ui/gradio_api/deep_link?session_hash=x"),
+            ("GET", "/ui/gradio_api/run-history/records"),
         ):
             response = http.request(method, path)
             assert response.status_code == 404, (path, response.text)
@@ -213,3 +221,66 @@ def test_gradio_routes_the_ui_does_not_use_are_closed_and_out_of_the_api_schema(
         paths = http.get("/docs.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()["paths"]
         assert "/generate" in paths and "/score" in paths
         assert not [p for p in paths if p.startswith("/ui")]
+
+
+def call_ui(url: str, api_name: str, data: list) -> str:
+    """One call of the UI's Gradio API, as anyone can make it (no Authorization header): the
+    whole event stream of its answer."""
+    with httpx.Client(base_url=url, timeout=120) as http:
+        started = http.post(f"/ui/gradio_api/call/{api_name}", json={"data": data})
+        assert started.status_code == 200, (api_name, started.text)
+        event = started.json()["event_id"]
+        return http.get(f"/ui/gradio_api/call/{api_name}/{event}").text
+
+
+def ui_endpoints(url: str) -> dict[str, list]:
+    """Each named endpoint of the UI's Gradio API, with arguments as a stranger would send them:
+    defaults, examples, an empty token."""
+    info = httpx.get(url + "/ui/gradio_api/info", timeout=30).json()["named_endpoints"]
+    endpoints = {}
+    for name, endpoint in info.items():
+        args = []
+        for parameter in endpoint["parameters"]:
+            if parameter.get("label", "").startswith("Token"):
+                args.append("")
+            elif parameter.get("parameter_has_default"):
+                args.append(parameter.get("parameter_default"))
+            else:
+                args.append(parameter.get("example_input"))
+        endpoints[name.lstrip("/")] = args
+    return endpoints
+
+
+def test_the_ui_shows_nothing_the_api_protects_to_a_caller_without_the_token(server):
+    """GET /adapters/ (token) names the base and its adapters; no UI endpoint may, without the
+    token. (The health line used to name the base.)"""
+    base_tag = httpx.get(
+        server + "/adapters/", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    ).json()["base"]
+    endpoints = ui_endpoints(server)
+    assert {"health", "generate"} <= set(endpoints), sorted(endpoints)
+    answers = {name: call_ui(server, name, args) for name, args in endpoints.items()}
+    print(f"\nUI endpoints called without the token: {sorted(answers)}")
+    for name, answer in answers.items():
+        for secret in (base_tag, base_tag.split(":")[0], "ui-style", "ui-other"):
+            assert secret not in answer, (name, secret, answer[:500])
+    assert "ready" in answers["health"]
+
+
+def test_images_generated_through_the_ui_are_not_left_on_disk_for_anyone_to_download(
+    server, tmp_path_factory
+):
+    form = [TOKEN, "a red bicycle", "", "(none)", 1.0, "(none)", 1.0, "(none)", 1.0]
+    form += [64, 64, 3, 5.0, "euler", 7, 2]
+    answer = call_ui(server, "generate", form)
+    assert "event: complete" in answer, answer[:500]
+    # Anything the answer points to on the server must not be downloadable without the token.
+    paths = re.findall(r'"(?:url|path)": "([^"]+)"', answer)
+    urls = [p if p.startswith("http") else f"{server}/ui/gradio_api/file={p}" for p in paths]
+    downloadable = [u for u in urls if httpx.get(u, timeout=30).status_code == 200]
+    assert not downloadable, downloadable
+    assert answer.count("data:image/png;base64,") == 2
+    assert "gradio_api/file=" not in answer and "/gradio/" not in answer, answer[:500]
+    cache = Path(tmp_path_factory.getbasetemp()).glob("ui*/gradio")
+    files = [p for folder in cache for p in folder.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix.lower() in (".png", ".webp", ".jpeg", ".jpg")], files

@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from service.settings import Settings
+from service.state import ServerState
 from service.ui import NO_ADAPTER, _error_text, build_request, mount
 
 
@@ -20,7 +21,7 @@ def test_ui_off_mounts_nothing():
     class Service:
         pass
 
-    assert mount(Service, Settings(ui=False)) is Service
+    assert mount(Service, Settings(ui=False), ServerState()) is Service
     assert not hasattr(Service, "__bentoml_gradio_apps__")
 
 
@@ -69,3 +70,24 @@ def test_server_errors_shown_in_one_line():
         "wrong bearer token"
     )
     assert _error_text(httpx.Response(502, text="bad\ngateway")) == "bad gateway"
+
+
+def test_the_health_line_says_only_what_readyz_says():
+    from service.state import ServedSnapshot
+    from service.ui import health_text
+
+    state = ServerState()
+    assert "loading" in health_text(state)
+    state.publish(ServedSnapshot(loaded=True, base_tag="sdxl-secret:v1"))
+    assert health_text(state) == "Server: **ready** · GPU idle"
+    state.live.broken = "CUDA error: an illegal memory access at 0xdead"
+    assert "0xdead" not in health_text(state) and "broken" in health_text(state)
+
+
+def test_gallery_images_are_data_urls_in_the_page():
+    from service.ui import gallery_html
+
+    page = gallery_html([{"image": "iVBORw0K", "format": "png", "seed": 7}])
+    assert '<img src="data:image/png;base64,iVBORw0K"' in page and "seed 7" in page
+    assert "webp;base64" in gallery_html([{"image": "x", "format": "webp", "seed": 1}])
+    assert "<script" not in gallery_html([{"image": '"><script>', "format": "png", "seed": 1}])

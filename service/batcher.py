@@ -1,0 +1,284 @@
+"""The service's own batching window: requests from many clients into one engine call.
+
+BentoML's adaptive batcher (bentoml/_internal/marshal/dispatcher.py) waits before each batch for
+as long as the past 50 batches' first requests waited, queueing included. Nothing bounds that
+wait but `max_latency_ms`, past which it answers 503; and every batch it makes that way is
+another sample of the same wait. One request of 5,000 items (split into batches whose first
+request had waited since the request arrived) taught it a wait of seconds, and every later lone
+request then waited that long and taught it the same again: 17-49 s for a request the pipeline
+computed in 0.03 s, for good. Plain load drifted it the same way (0.05 s to 0.2-0.9 s).
+
+`Batcher` has no memory: the first request in an idle queue waits at most `window_s` for others
+(less once `max_images` images are queued), then the batch runs on the engine (`run`, in a worker
+thread, one batch at a time). Requests that arrive while a batch runs wait for it and form the
+next batch, which starts as soon as it ends. So a lone request's latency is its compute plus at
+most `window_s`, whatever came before.
+
+Each request is a job; a job is never split (BENTOLORA_MAX_REQUEST_IMAGES bounds its size), and
+a batch takes whole jobs in arrival order up to `max_images` images (at least one job). A job
+whose client has gone (`gone`, set by service.admission when the connection closes) or whose
+deadline has passed (the server's timeout cancelled it) is dropped before it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from service import metrics
+
+log = logging.getLogger(__name__)
+
+CLIENT_GONE = "bentolora.client_gone"
+"""Scope key of the asyncio.Event that service.admission sets when the client disconnects."""
+CLIENT_CLOSED_REQUEST = 499
+"""The status logged for a request whose client left before its answer (nginx's convention)."""
+
+
+class ClientGone(Exception):
+    """The client of a job disconnected before its answer was ready."""
+
+    def __init__(self, started: bool):
+        self.started = started
+        super().__init__("the client disconnected")
+
+
+@dataclass(eq=False)
+class Job:
+    items: Sequence[Any]
+    images: int
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+    started: bool = False
+    abandoned: bool = False
+
+
+@functools.cache
+def _metrics():
+    import bentoml
+
+    return {
+        "size": bentoml.metrics.Histogram(
+            name="bentolora_batch_requests",
+            documentation="Requests per batch the engine ran, per endpoint",
+            labelnames=["endpoint"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        ),
+        "abandoned": bentoml.metrics.Counter(
+            name="bentolora_abandoned_total",
+            documentation="Requests whose client disconnected before their answer, by whether "
+            "their work had started (dropped unrun when not)",
+            labelnames=["endpoint", "started"],
+        ),
+    }
+
+
+class Batcher:
+    """Batches for one endpoint. `run(items)` computes a batch (a list of request items, in
+    order) and returns one output per item; `images_of(item)` is what an item costs in the batch
+    size cap. Call `submit` from the server's event loop."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        run: Callable[[list], Sequence[Any]],
+        images_of: Callable[[Any], int],
+        *,
+        max_images: int,
+        window_s: float,
+    ):
+        self.endpoint = endpoint
+        self.run = run
+        self.images_of = images_of
+        self.max_images = max_images
+        self.window_s = window_s
+        self._queue: deque[Job] = deque()
+        self._wake: asyncio.Event | None = None
+        self._consumer: asyncio.Task | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    async def submit(self, items: Sequence[Any], gone: asyncio.Event | None = None) -> list:
+        """The outputs for `items` (one request's), once a batch holding them has run. Raises
+        what the batch raised, or ClientGone when `gone` is set first (the job is then dropped
+        if it has not started, its outputs discarded if it has)."""
+        if not items:
+            return []
+        job = Job(
+            items, sum(self.images_of(i) for i in items), asyncio.get_running_loop().create_future()
+        )
+        self._enqueue(job)
+        try:
+            if gone is None:
+                return list(await job.future)
+            waiter = asyncio.ensure_future(gone.wait())
+            try:
+                await asyncio.wait({job.future, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if job.future.done():
+                return list(job.future.result())
+            job.abandoned = True
+            raise ClientGone(job.started)
+        finally:
+            if not job.future.done():
+                job.future.cancel()  # gone, or cancelled by the server's timeout: not run
+
+    def _enqueue(self, job: Job) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._queue.append(job)
+        self._wake.set()
+        if self._consumer is None or self._consumer.done():
+            self._consumer = asyncio.get_running_loop().create_task(self._consume())
+
+    async def _consume(self) -> None:
+        while True:
+            try:
+                await self._next_batch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop batching for good
+                log.exception("batching %s failed", self.endpoint)
+
+    async def _next_batch(self) -> None:
+        assert self._wake is not None
+        while not self._queue:
+            self._wake.clear()
+            await self._wake.wait()
+        await self._window()
+        batch = self._take()
+        if not batch:
+            return
+        for job in batch:
+            job.started = True
+        items = [item for job in batch for item in job.items]
+        _metrics()["size"].labels(endpoint=self.endpoint).observe(len(batch))
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
+        try:
+            outputs = await anyio.to_thread.run_sync(self.run, items, limiter=self._limiter)
+        except Exception as err:
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            return
+        at = 0
+        for job in batch:
+            if not job.future.done():
+                job.future.set_result(outputs[at : at + len(job.items)])
+            at += len(job.items)
+
+    async def _window(self) -> None:
+        """Wait, from the first queued job's arrival, up to `window_s` for `max_images` images."""
+        assert self._wake is not None
+        first = self._queue[0]
+        while self._queued_images() < self.max_images:
+            left = first.arrived + self.window_s - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                return
+
+    def _queued_images(self) -> int:
+        return sum(job.images for job in self._queue if not job.future.done())
+
+    def _take(self) -> list[Job]:
+        """Whole jobs in arrival order, up to `max_images` images (at least one job); jobs
+        already answered (client gone, deadline passed) are dropped here, unrun."""
+        batch: list[Job] = []
+        images = 0
+        while self._queue:
+            job = self._queue[0]
+            if job.future.done():
+                self._queue.popleft()
+                self._dropped(job)
+                continue
+            if batch and images + job.images > self.max_images:
+                break
+            batch.append(self._queue.popleft())
+            images += job.images
+        return batch
+
+    def _dropped(self, job: Job) -> None:
+        if job.abandoned:
+            return  # counted and logged where the client was found gone
+        metrics.dropped(len(job.items))
+        log.warning(
+            "%s: dropping a request of %d item(s) past its deadline, unrun",
+            self.endpoint,
+            len(job.items),
+        )
+
+
+async def serve(batcher: Batcher, items: Sequence[Any], ctx: Any) -> Any:
+    """An API's body: `items` through `batcher`; for a client that disconnected meanwhile, a
+    499 (logged as such; nobody reads it) instead of an error."""
+    from starlette.responses import Response
+
+    request = getattr(ctx, "request", None)
+    gone = request.scope.get(CLIENT_GONE) if request is not None else None
+    for item in items:
+        if hasattr(item, "client_gone"):  # GenerateRequest: the engine skips it once gone
+            item._gone = gone
+    try:
+        return await batcher.submit(items, gone)
+    except ClientGone as err:
+        _metrics()["abandoned"].labels(
+            endpoint=batcher.endpoint, started=str(err.started).lower()
+        ).inc()
+        log.info(
+            "%s: the client disconnected %s; %s",
+            batcher.endpoint,
+            "after its batch began" if err.started else "before its request started",
+            "what is not computed yet is dropped" if err.started else "it is dropped unrun",
+        )
+        ctx.response.status_code = CLIENT_CLOSED_REQUEST
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+SCORE_BATCH_IMAGES = 64
+"""Images in one CLIP call at most (a /score request holds at most BENTOLORA_MAX_REQUEST_IMAGES)."""
+
+
+@dataclass(frozen=True)
+class EngineBatchers:
+    generate: Batcher
+    score: Batcher
+
+
+def for_engine(engine: Any, settings: Any) -> EngineBatchers:
+    """The batchers of a service instance; both wait at most BENTOLORA_BATCH_WINDOW_MS for
+    company. A /generate batch holds as many images as one request may
+    (BENTOLORA_MAX_REQUEST_IMAGES), so waiting behind a batch is never longer than behind the
+    largest request; the engine computes it in pipeline calls of BENTOLORA_MAX_BATCH_IMAGES per
+    group of alike requests (a batch capped at one call's images would make mixed requests
+    share fewer, smaller calls). A /score batch holds SCORE_BATCH_IMAGES images."""
+    window_s = settings.batch_window_ms / 1000
+    return EngineBatchers(
+        generate=Batcher(
+            "/generate",
+            engine.generate,
+            lambda request: request.num_images,
+            max_images=max(settings.max_request_images, settings.max_batch_images),
+            window_s=window_s,
+        ),
+        score=Batcher(
+            "/score",
+            engine.score,
+            lambda request: len(request.images),
+            max_images=SCORE_BATCH_IMAGES,
+            window_s=window_s,
+        ),
+    )

@@ -1,0 +1,114 @@
+"""Decoding /score images off the event loop, before BentoML validates the request.
+
+BentoML parses and validates a request on the server's event loop, and the /score request model
+decodes its images while it validates (service/schemas.py): one request with 16 images of 4096²
+kept /livez from answering for seconds. `DecodeScoreImages`, the gate after admission, reads the
+body (whole already: see request_guard.WholeBody), decodes its images in worker threads (two at
+a time, within service.images.DECODE_BUDGET) and puts them in `images.PREDECODED` for the rest
+of the request, so the validator's `images.decode` finds each one ready (or its error) instead of
+decoding it on the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import anyio
+import anyio.to_thread
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import images
+
+PATHS = frozenset({"/score"})
+MAX_IMAGES_PER_REQUEST = 16
+"""ScoreRequest's limit: a request with more is refused by validation before any decoding, so
+its images are not decoded in advance either."""
+DECODE_THREADS = 2
+"""Worker threads decoding at once, across requests (not the threads health checks use)."""
+
+_limiter_lock = threading.Lock()
+_limiter: anyio.CapacityLimiter | None = None
+
+
+def _threads() -> anyio.CapacityLimiter:
+    global _limiter
+    with _limiter_lock:
+        if _limiter is None:
+            _limiter = anyio.CapacityLimiter(DECODE_THREADS)
+        return _limiter
+
+
+class DecodeScoreImages:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_pixels: int):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"].rstrip("/") not in PATHS
+        ):
+            return await self.app(scope, receive, send)
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        texts = await anyio.to_thread.run_sync(image_texts, body, limiter=_threads())
+        token = images.PREDECODED.set(await self.decode_all(texts))
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered, body
+            if not delivered:
+                delivered = True
+                message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+                return message
+            return await receive()
+
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            images.PREDECODED.reset(token)
+
+    async def decode_all(self, texts: list[str]) -> dict:
+        results: dict = {}
+
+        async def one(text: str) -> None:
+            key = (text, self.max_bytes, self.max_pixels)
+            results[key] = await anyio.to_thread.run_sync(self._decode, text, limiter=_threads())
+
+        async with anyio.create_task_group() as group:
+            for text in dict.fromkeys(texts):  # each distinct image once
+                group.start_soon(one, text)
+        return results
+
+    def _decode(self, text: str):
+        try:
+            checked = images.check(text, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+            return images.load(checked)
+        except images.ImageInputError as err:
+            return err
+
+
+def image_texts(body: bytes) -> list[str]:
+    """The base64 images of a /score body ({"requests": [{"images": [...]}, ...]}) that
+    validation would decode; nothing when the body is not that shape (validation answers)."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    requests = parsed.get("requests") if isinstance(parsed, dict) else None
+    texts = []
+    for request in requests if isinstance(requests, list) else []:
+        found = request.get("images") if isinstance(request, dict) else None
+        if isinstance(found, list) and 0 < len(found) <= MAX_IMAGES_PER_REQUEST:
+            texts.extend(text for text in found if isinstance(text, str))
+    return texts
