@@ -1,4 +1,4 @@
-"""The published SDXL 1.0 base configuration (see shared/sdxl-architecture.md).
+"""The published SDXL 1.0 base configuration (docs/sdxl-architecture.md).
 
 Kept as plain dicts so the full-size random-weight model, the tiny model and the scheduler agree
 with the real checkpoint without downloading it.
