@@ -47,6 +47,9 @@ def reload_adapters() -> ServedSnapshot:
 class SDXLLoRA:
     def __init__(self) -> None:
         from service.engine import Engine
+        from service.memory import return_large_blocks_to_the_system
+
+        return_large_blocks_to_the_system()  # before the models: see service/memory.py
 
         self.state = STATE
         metrics.start_worker()
