@@ -2,7 +2,8 @@
 
 Requests in a batch are grouped by everything the pipeline takes as one value (size, steps,
 guidance, scheduler, adapter versions); each image has its own generator seeded from its
-request, so an image does not depend on what it was batched with.
+request, so an image does not depend on what it was batched with (to within 1/255 per pixel
+value: a batched matrix product takes other BLAS paths than a single one).
 
 The engine publishes what it serves into its `ServerState` (service.state) and is the only
 writer of its live status. The pipeline and CLIP are separate modules with separate locks: a
