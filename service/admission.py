@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.batcher import CLIENT_GONE
-from service.request_guard import refuse
+from service.request_guard import refuse, replay_body
 from service.settings import Settings
 from service.state import LiveStatus
 
@@ -234,18 +234,12 @@ async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
 
 def _replay(body: bytes, gone: asyncio.Event) -> Receive:
     """The app's `receive`: the body, read already, then the disconnect when the watcher sees it."""
-    delivered = False
 
-    async def receive() -> Message:
-        nonlocal delivered, body
-        if not delivered:
-            delivered = True
-            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
-            return message
+    async def disconnect() -> Message:
         await gone.wait()
         return {"type": "http.disconnect"}
 
-    return receive
+    return replay_body(body, then=disconnect)
 
 
 def _explain_503(scope: Scope, receive: Receive, send: Send, live: LiveStatus) -> Send:

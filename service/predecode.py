@@ -16,9 +16,10 @@ import threading
 
 import anyio
 import anyio.to_thread
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import images
+from service.request_guard import replay_body
 
 PATHS = frozenset({"/score"})
 MAX_IMAGES_PER_REQUEST = 16
@@ -64,18 +65,8 @@ class DecodeScoreImages:
         texts = await anyio.to_thread.run_sync(image_texts, body, limiter=_threads())
         decoded = await self.decode_all(texts)
         token = images.PREDECODED.set(decoded)
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered, body
-            if not delivered:
-                delivered = True
-                message, body = {"type": "http.request", "body": body, "more_body": False}, b""
-                return message
-            return await receive()
-
         try:
-            await self.app(scope, replay, send)
+            await self.app(scope, replay_body(body, then=receive), send)
         finally:
             # Emptied, not only unset: anyio's idle worker threads keep a copy of the context of
             # their last call (the batch's, which holds this mapping) until their next one, and

@@ -139,17 +139,23 @@ class WholeBody:
             )
         body = b"".join(chunks)
         chunks.clear()
-        delivered = False
+        await self.app(scope, replay_body(body, then=receive), send)
 
-        async def replay() -> Message:
-            nonlocal delivered, body
-            if not delivered:
-                delivered = True
-                message, body = {"type": "http.request", "body": body, "more_body": False}, b""
-                return message
-            return await receive()  # after the body: the client's disconnect, when it comes
 
-        await self.app(scope, replay, send)
+def replay_body(body: bytes, then: Receive) -> Receive:
+    """The `receive` of an app behind a gate that read the body already: the body as one message
+    (then let go of), after it whatever `then` gives (the client's disconnect, when it comes)."""
+    delivered = False
+
+    async def receive() -> Message:
+        nonlocal delivered, body
+        if not delivered:
+            delivered = True
+            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+            return message
+        return await then()
+
+    return receive
 
 
 def _header(scope: Scope, name: bytes) -> str:
