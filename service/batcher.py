@@ -23,7 +23,6 @@ deadline has passed (the server's timeout cancelled it) is dropped before it sta
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import deque
@@ -60,26 +59,6 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     started: bool = False
     abandoned: bool = False
-
-
-@functools.cache
-def _metrics():
-    import bentoml
-
-    return {
-        "size": bentoml.metrics.Histogram(
-            name="bentolora_batch_requests",
-            documentation="Requests per batch the engine ran, per endpoint",
-            labelnames=["endpoint"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-        ),
-        "abandoned": bentoml.metrics.Counter(
-            name="bentolora_abandoned_total",
-            documentation="Requests whose client disconnected before their answer, by whether "
-            "their work had started (dropped unrun when not)",
-            labelnames=["endpoint", "started"],
-        ),
-    }
 
 
 class Batcher:
@@ -161,7 +140,7 @@ class Batcher:
         for job in batch:
             job.started = True
         items = [item for job in batch for item in job.items]
-        _metrics()["size"].labels(endpoint=self.endpoint).observe(len(batch))
+        metrics.batch_requests(self.endpoint, len(batch))
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(1)
         try:
@@ -235,9 +214,7 @@ async def serve(batcher: Batcher, items: Sequence[Any], ctx: Any) -> Any:
     try:
         return await batcher.submit(items, gone)
     except ClientGone as err:
-        _metrics()["abandoned"].labels(
-            endpoint=batcher.endpoint, started=str(err.started).lower()
-        ).inc()
+        metrics.abandoned(batcher.endpoint, started=err.started)
         log.info(
             "%s: the client disconnected %s; %s",
             batcher.endpoint,

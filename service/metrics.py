@@ -48,6 +48,18 @@ def _metrics():
             name="bentolora_oom_total",
             documentation="Pipeline calls that ran out of GPU memory (then split or refused)",
         ),
+        "batch": bentoml.metrics.Histogram(
+            name="bentolora_batch_requests",
+            documentation="Requests per batch the engine ran, per endpoint",
+            labelnames=["endpoint"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        ),
+        "abandoned": bentoml.metrics.Counter(
+            name="bentolora_abandoned_total",
+            documentation="Requests whose client disconnected before their answer, by whether "
+            "their work had started (dropped unrun when not)",
+            labelnames=["endpoint", "started"],
+        ),
     }
 
 
@@ -69,6 +81,14 @@ def images(count: int) -> None:
 
 def oom() -> None:
     _metrics()["oom"].inc()
+
+
+def batch_requests(endpoint: str, count: int) -> None:
+    _metrics()["batch"].labels(endpoint=endpoint).observe(count)
+
+
+def abandoned(endpoint: str, started: bool) -> None:
+    _metrics()["abandoned"].labels(endpoint=endpoint, started=str(started).lower()).inc()
 
 
 def start_worker(endpoints=("/generate", "/score")) -> list[int]:

@@ -246,7 +246,7 @@ def test_sixteen_concurrent_clients_are_batched_and_each_gets_its_own_image(serv
             assert ti["seed"] == ai["seed"]
             assert np.abs(pixels(ti["image"]) - pixels(ai["image"])).max() <= TOLERANCE
     metrics = urllib.request.urlopen(server + "/metrics").read().decode()
-    assert "bentolora_batch_requests" in metrics  # requests per batch (service/batcher.py)
+    assert "bentolora_batch_requests" in metrics  # requests per batch (service/metrics.py)
 
 
 def test_score_matches_an_independent_clip_computation(client, tiny_base):
