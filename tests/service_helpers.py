@@ -9,12 +9,21 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from service import launch
 from service.launch import free_port
 
-__all__ = ["free_port", "pixels", "server_env", "start_server", "stop_server"]
+__all__ = [
+    "free_port",
+    "pixels",
+    "rss_mb",
+    "server_env",
+    "start_server",
+    "stop_server",
+    "worker_processes",
+]
 
 
 def start_server(
@@ -42,3 +51,26 @@ def server_env() -> dict[str, str]:
         "BENTOLORA_DEVICE": "cpu",
         "BENTOLORA_MAX_PIXELS": str(256 * 256),
     }
+
+
+def worker_processes(server_pid: int) -> list[psutil.Process]:
+    """The server's BentoML worker processes (the ones running the service)."""
+    workers = []
+    for p in psutil.Process(server_pid).children(recursive=True):
+        try:
+            if "_bentoml_impl.worker" in " ".join(p.cmdline()):
+                workers.append(p)
+        except psutil.Error:  # exited, or a zombie not yet reaped
+            pass
+    return workers
+
+
+def rss_mb(server_pid: int) -> float:
+    """Resident memory of the server and all its processes (arbiter, workers), in MiB."""
+    total = 0
+    for p in [psutil.Process(server_pid), *psutil.Process(server_pid).children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20

@@ -27,12 +27,11 @@ from collections import Counter
 from urllib.parse import urlsplit
 
 import httpx
-import psutil
 import pytest
 from PIL import Image
 
 from models.clip import build_tiny_clip, save_clip
-from tests.service_helpers import server_env, start_server, stop_server
+from tests.service_helpers import rss_mb, server_env, start_server, stop_server, worker_processes
 
 pytestmark = pytest.mark.slow
 
@@ -51,28 +50,6 @@ def png_b64(size=(32, 32)) -> str:
 
 
 SCORE = {"requests": [{"images": [png_b64()], "texts": ["green"]}]}
-
-
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of the server and all its processes (arbiter, worker)."""
-    total = 0
-    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 2**20
-
-
-def worker_processes(server_pid: int) -> list[psutil.Process]:
-    workers = []
-    for p in psutil.Process(server_pid).children(recursive=True):
-        try:
-            if "_bentoml_impl.worker" in " ".join(p.cmdline()):
-                workers.append(p)
-        except psutil.Error:
-            pass
-    return workers
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
@@ -136,7 +113,7 @@ def settled_rss_mb(pid: int) -> float:
     samples = []
     for _ in range(3):
         time.sleep(0.5)
-        samples.append(tree_rss_mb(pid))
+        samples.append(rss_mb(pid))
     return sorted(samples)[1]
 
 

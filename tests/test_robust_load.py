@@ -18,12 +18,18 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 from PIL import Image
 
 from models.clip import build_tiny_clip, save_clip
-from tests.service_helpers import pixels, server_env, start_server, stop_server
+from tests.service_helpers import (
+    pixels,
+    rss_mb,
+    server_env,
+    start_server,
+    stop_server,
+    worker_processes,
+)
 from tests.store_helpers import one_layer_adapter
 
 pytestmark = pytest.mark.slow
@@ -58,27 +64,6 @@ SCORE = [
     {"images": [png_b64((200, 0, 0)), png_b64((0, 0, 200))], "texts": ["red", "blue"]},
     {"images": [png_b64((0, 200, 0))], "texts": []},
 ]
-
-
-def worker_processes(server_pid: int) -> list[psutil.Process]:
-    workers = []
-    for p in psutil.Process(server_pid).children(recursive=True):
-        try:
-            if "_bentoml_impl.worker" in " ".join(p.cmdline()):
-                workers.append(p)
-        except psutil.Error:  # exited, or a zombie not yet reaped
-            pass
-    return workers
-
-
-def rss_mb(server_pid: int) -> float:
-    total = 0
-    for p in [psutil.Process(server_pid), *psutil.Process(server_pid).children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 2**20
 
 
 @pytest.fixture(scope="module")
