@@ -3,6 +3,8 @@
     bentolora-models build-tiny                      # the tiny test base, as sdxl-tiny
     bentolora-models import stabilityai/stable-diffusion-xl-base-1.0 --name sdxl-base \\
         --vae madebyollin/sdxl-vae-fp16-fix
+    bentolora-models import-lora my-style.safetensors --name my-style --base sdxl-base
+    bentolora-models export-lora lora-my-style --format kohya my-style-kohya.safetensors
     bentolora-models list
 """
 
@@ -58,16 +60,44 @@ def build_parser() -> argparse.ArgumentParser:
     imp_clip.add_argument("source", help="e.g. openai/clip-vit-large-patch14, or a local folder")
     imp_clip.add_argument("--name", default="clip-l")
 
+    imp_lora = sub.add_parser(
+        "import-lora", help="store a kohya/A1111/Civitai, diffusers or PEFT LoRA file as an adapter"
+    )
+    imp_lora.add_argument("file", help="the LoRA .safetensors file")
+    imp_lora.add_argument("--name", required=True, help="adapter name (stored as lora-<name>)")
+    imp_lora.add_argument("--base", default="sdxl-base", help="store tag of the base it is for")
+
+    exp_lora = sub.add_parser(
+        "export-lora", help="write a stored adapter as a kohya (A1111, ComfyUI) or diffusers file"
+    )
+    exp_lora.add_argument("tag", help="adapter: name, lora-<name> or lora-<name>:<version>")
+    exp_lora.add_argument("out", help="the new .safetensors file")
+    exp_lora.add_argument("--format", default="kohya", choices=("kohya", "diffusers"))
+
     sub.add_parser("list", help="bases, adapters and CLIP models in the store")
     show = sub.add_parser("show", help="metadata of one entry as JSON")
     show.add_argument("tag")
     return parser
 
 
+def run_lora_files(args: argparse.Namespace) -> int:
+    from models.lora_exchange import export_lora, import_lora
+
+    if args.command == "import-lora":
+        entry = import_lora(args.file, args.name, base=args.base)
+        print(f"adapter: {entry.tag} ({entry.metadata['origin']['format']} file {args.file})")
+    else:
+        out = export_lora(args.tag, args.format, args.out)
+        print(f"wrote {out} ({args.format})")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from models.bases import import_base, save_base
     from models.store import list_entries
 
+    if args.command in ("import-lora", "export-lora"):
+        return run_lora_files(args)
     if args.command == "build-tiny":
         from models.tiny import build_tiny_pipeline
 
