@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="results.json + .md here")
     p.add_argument("--skip-serve", action="store_true", help="no serving rows (in-process or HTTP)")
+    p.add_argument("--skip-diffusers", action="store_true", help="no plain-diffusers rows")
+    p.add_argument("--skip-engine", action="store_true", help="no in-process engine rows")
     p.add_argument("--skip-http", action="store_true", help="no HTTP rows")
     p.add_argument("--skip-train", action="store_true", help="no training rows")
     p.add_argument(
@@ -190,7 +192,7 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
     ]
 
     reference: dict[str, list] = {}
-    if not args.skip_serve:
+    if not args.skip_serve and not args.skip_diffusers:
         with section("diffusers"):
             reference_rows, reference = pipelines.baseline_rows(
                 pipe, get_adapter(adapters[0]), work, device
@@ -207,7 +209,7 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
     engines = [("engine", "engine_start_s", {})]
     if speed:
         engines.append(("engine fast", "engine_fast_start_s", speed))
-    for section_name, start_key, settings in [] if args.skip_serve else engines:
+    for section_name, start_key, settings in [] if args.skip_serve or args.skip_engine else engines:
         save()
         with section(section_name):
             engine, header[start_key] = pipelines.make_engine(device, args.batch, settings)

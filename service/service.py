@@ -14,7 +14,6 @@ from service.middleware import install_middleware
 from service.schemas import GenerateResponse, ScoreResponse, bind_requests
 from service.settings import Settings
 from service.state import ServedSnapshot, ServerState
-from service.ui import mount as mount_ui
 
 SETTINGS = Settings.from_env()
 STATE = ServerState(SETTINGS)
@@ -83,4 +82,7 @@ class SDXLLoRA:
 
 
 install_middleware(SDXLLoRA, SETTINGS, STATE, DRAIN)
-SDXLLoRA = mount_ui(SDXLLoRA, SETTINGS, STATE)
+if SETTINGS.ui:  # gradio is imported only for the UI: BENTOLORA_UI=0 serves without it installed
+    from service.ui import mount as mount_ui
+
+    SDXLLoRA = mount_ui(SDXLLoRA, SETTINGS, STATE)

@@ -353,9 +353,7 @@ def build_ui(settings: Settings, state: ServerState) -> gr.Blocks:
 
 
 def mount(service_class: Any, settings: Settings, state: ServerState) -> Any:
-    """Mount the UI at /ui unless BENTOLORA_UI=0."""
-    if not settings.ui:
-        return service_class
+    """Mount the UI at /ui (service.service calls this only when BENTOLORA_UI is on)."""
     started = time.perf_counter()
     ui = build_ui(settings, state)
     # BentoML's mount skips what Gradio 6 does in launch() and in its own mount: choosing the

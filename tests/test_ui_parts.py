@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import httpx
 import pytest
 
 from service.settings import Settings
 from service.state import ServerState
-from service.ui import NO_ADAPTER, _error_text, build_request, mount
+from service.ui import NO_ADAPTER, _error_text, build_request
 
 
 def test_ui_switch_from_the_environment():
@@ -17,12 +21,19 @@ def test_ui_switch_from_the_environment():
         Settings.from_env({"BENTOLORA_UI": "maybe"})
 
 
-def test_ui_off_mounts_nothing():
-    class Service:
-        pass
-
-    assert mount(Service, Settings(ui=False), ServerState()) is Service
-    assert not hasattr(Service, "__bentoml_gradio_apps__")
+@pytest.mark.parametrize("ui", ["0", "1"])
+def test_ui_off_serves_without_gradio(ui):
+    """BENTOLORA_UI=0 mounts nothing and never imports gradio (a GPU image without it serves)."""
+    code = (
+        "import sys, service.service as s; "
+        "print('gradio' in sys.modules, any(p == '/ui' for _, p, _ in s.SDXLLoRA.mount_apps))"
+    )
+    env = {**os.environ, "BENTOLORA_UI": ui}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    on = str(ui == "1")
+    assert out.stdout.split() == [on, on]
 
 
 def test_form_to_request():
