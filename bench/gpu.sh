@@ -3,6 +3,7 @@
 # how to download the wheels it lacks into .whl/ first. Run from the repository root:
 #
 #   OUT=/some/dir BUDGET_S=560 bash bench/gpu.sh
+#   OUT=/some/dir BENCH_ARGS="--skip-serve" bash bench/gpu.sh    # more bench.run options
 #
 # Writes, as it goes (a run cut off still leaves what it measured): $OUT/versions.txt,
 # $OUT/bench.log and $OUT/bench/ (the 1024² run: results.md/.json, server.log, profiles), then,
@@ -31,7 +32,7 @@ cat "$OUT/versions.txt"
 
 left() { echo $((deadline - SECONDS)); }
 timeout "$(left)" python3 -m bench.run --device "$DEVICE" --repeats 2 --requests 8 \
-  --concurrency 1,4,16 --profile --server-timeout 180 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+  --concurrency 1,4,16 --profile --server-timeout 180 ${BENCH_ARGS:-} --out "$OUT/bench" > "$OUT/bench.log" 2>&1
 echo "1024 run: rc=$? at ${SECONDS}s"
 if [ "$(left)" -gt 100 ]; then
   timeout "$(left)" python3 -m bench.run --device "$DEVICE" --size 512 --batch 1 --repeats 5 \

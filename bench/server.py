@@ -134,9 +134,9 @@ def first_images(url: str, work: Workload, n: int, adapter: str | None) -> list:
 def warm_up(url: str, work: Workload, count: int, adapters: list[str]) -> float:
     """Send `count` requests one at a time before measuring; returns the seconds they took.
 
-    BentoML's adaptive batching learns the service's latency from its first dozen calls
-    (dispatcher "training"); a slow first call (warm-up, compilation) teaches it to hold
-    later single requests for seconds waiting for a batch. Its learning ends within these.
+    They keep first-call costs (CUDA and cuDNN set-up, a compilation the warm-up missed, the
+    adapters' first load) out of the measured rows. The service's own batcher has a fixed window
+    and learns nothing from them (service/batcher.py).
     """
     started = time.perf_counter()
     asyncio.run(_load(url, work, 1, count, adapters))
