@@ -2,9 +2,10 @@
 
 One example's way on from `train.data`: `Batches.fill_cache` encodes each prepared image with the
 VAE (the posterior's mean and log-variance, so every epoch can draw a fresh latent) and each caption
-with both text encoders, once, into an `ExampleCache` on disk; `BatchSchedule` says which examples
-form micro-batch k; `Batches.batch` reads them back (or, for what the config does not cache,
-prepares and encodes them on the fly), samples the latents and stacks a `Batch`.
+with both text encoders, once, into an `ExampleCache` on disk; `BatchSchedule` says which
+examples form the global batch of optimizer step s; `Batches.batch` reads a micro-batch's share
+back (or, for what the config does not cache, prepares and encodes it on the fly), samples the
+latents and stacks a `Batch`.
 
 The cache folder's name is a hash of everything the tensors depend on (base weights, dataset
 bytes and captions, buckets and preprocessing settings), so a changed base or dataset never reads
@@ -18,7 +19,6 @@ import json
 import logging
 import os
 import random
-from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,47 +51,61 @@ class Batch:
 
 
 class BatchSchedule:
-    """Which examples go in micro-batch k: a pure function of the seed and k, over endless epochs.
+    """Which examples make up the global batch of optimizer step s: a pure function of the seed
+    and s, over endless epochs.
 
-    Batches hold examples of one bucket (one image size); each epoch is a fresh shuffle. Because
-    batch k is computed from (seed, k) alone, a resumed run sees exactly the batches an
-    uninterrupted run would, and each data-parallel process takes its own share without a
-    sampler's hidden state.
+    A global batch is `size` examples (batch_size × gradient_accumulation_steps × processes) of
+    one bucket (one image size); the micro-batches of every process are slices of it. Each bucket
+    draws its examples from its own endless stream of shuffled epochs, so every example of a
+    bucket is seen once before any is seen again, and a global batch may run across the end of
+    an epoch (or, for a bucket smaller than the global batch, hold an example more than once).
+    Which bucket each step takes is shuffled per round (a round gives each bucket the batches one
+    epoch of it fills). Because step s's examples are computed from (seed, s) alone, a resumed run
+    takes exactly the batches an uninterrupted one would, and any split of the global batch into
+    processes and micro-batches trains on the same examples.
     """
 
-    def __init__(self, bucket_of: Sequence[Hashable], batch_size: int, seed: int):
-        self.bucket_of = list(bucket_of)
-        self.batch_size = batch_size
+    def __init__(self, bucket_of: Sequence[Hashable], size: int, seed: int):
+        if size < 1:
+            raise ValueError(f"global batch size must be at least 1, got {size}")
+        self.size = size
         self.seed = seed
-        self._epochs: dict[int, list[list[int]]] = {}
-        sizes: dict[Hashable, int] = defaultdict(int)
-        for bucket in self.bucket_of:
-            sizes[bucket] += 1
-        # The same every epoch: each bucket's size is fixed, only the order changes.
-        self.batches_per_epoch = sum(-(-n // batch_size) for n in sizes.values())
+        members: dict[Hashable, list[int]] = {}
+        for index, bucket in enumerate(bucket_of):
+            members.setdefault(bucket, []).append(index)
+        self.members = list(members.values())
+        """Each bucket's example indices, buckets in order of first appearance."""
+        self.per_round = [-(-len(m) // size) for m in self.members]
+        self.round_length = sum(self.per_round)
+        self._orders: dict[tuple[int, int], list[int]] = {}
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """All batches of `epoch`: shuffled, grouped by bucket, the batch order shuffled again."""
-        if epoch not in self._epochs:
-            rng = random.Random(f"{self.seed}/epoch/{epoch}")
-            order = list(range(len(self.bucket_of)))
-            rng.shuffle(order)
-            groups: dict[Hashable, list[int]] = defaultdict(list)
-            for index in order:
-                groups[self.bucket_of[index]].append(index)
-            batches = [
-                members[i : i + self.batch_size]
-                for members in groups.values()
-                for i in range(0, len(members), self.batch_size)
-            ]
-            rng.shuffle(batches)
-            self._epochs = {epoch: batches}  # keep one epoch: memory stays flat on long runs
-        return self._epochs[epoch]
+    def batch(self, step: int) -> tuple[int, list[int]]:
+        """(epoch of its bucket at the batch's first example, example indices) of step `step`."""
+        round_, position = divmod(step, self.round_length)
+        sequence = self._round(round_)
+        bucket = sequence[position]
+        taken = round_ * self.per_round[bucket] + sequence[:position].count(bucket)
+        first = taken * self.size
+        examples = [self._stream(bucket, first + k) for k in range(self.size)]
+        return first // len(self.members[bucket]), examples
 
-    def batch(self, index: int) -> tuple[int, list[int]]:
-        """(epoch, example indices) of global micro-batch `index`."""
-        epoch, position = divmod(index, self.batches_per_epoch)
-        return epoch, self.epoch_batches(epoch)[position]
+    def _round(self, round_: int) -> list[int]:
+        sequence = [b for b, n in enumerate(self.per_round) for _ in range(n)]
+        random.Random(f"{self.seed}/round/{round_}").shuffle(sequence)
+        return sequence
+
+    def _stream(self, bucket: int, position: int) -> int:
+        """Example `position` of the bucket's stream: its members in a fresh order each epoch."""
+        members = self.members[bucket]
+        epoch, offset = divmod(position, len(members))
+        key = (bucket, epoch)
+        if key not in self._orders:
+            order = list(members)
+            random.Random(f"{self.seed}/bucket/{bucket}/epoch/{epoch}").shuffle(order)
+            if len(self._orders) > 2 * len(self.members):  # memory stays flat on long runs
+                self._orders.clear()
+            self._orders[key] = order
+        return self._orders[key][offset]
 
 
 class Batches:
@@ -128,11 +142,15 @@ class Batches:
         return len(missing)
 
     def batch(
-        self, indices: Sequence[int], generator: torch.Generator, rng: random.Random
+        self,
+        indices: Sequence[int],
+        generators: Sequence[torch.Generator],
+        rngs: Sequence[random.Random],
     ) -> Batch:
-        """Assemble one micro-batch; `generator` and `rng` make latent sampling, flips and crops repeatable."""
+        """Assemble one micro-batch; example k's latent sample comes from `generators[k]` and its
+        flip and crop from `rngs[k]`, so each example is the same in any micro-batch."""
         latents, time_ids, embeds, pooled = [], [], [], []
-        for index in indices:
+        for index, generator, rng in zip(indices, generators, rngs, strict=True):
             flip = self.config.flip and rng.random() < 0.5
             cached = self.cache.read(index) if self.cache is not None else None
             suffix = "_flipped" if flip else ""
@@ -239,6 +257,7 @@ def open_cache(
         "latents": config.cache_latents,
         "text": config.cache_text_embeddings,
         "text_dtype": str(text_dtype),
+        "orientation": "exif",  # images are turned upright before encoding (since EXIF support)
     }
     return ExampleCache(config.cache_dir, cache_key(**settings), settings)
 

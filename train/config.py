@@ -62,6 +62,13 @@ class TrainConfig:
     """Runs are written to <output_dir>/<name>: checkpoints, metrics, validation images."""
     cache_dir: str = "runs/cache"
     """Where cached latents and text embeddings live; reused by any run on the same base and data."""
+    validation_split: float = 0.0
+    """Fraction of data_dir's images held out of training, in [0, 1): round(fraction × images), at
+    least one, ranked by a hash of each file's relative path (the same images every run; identical
+    files stay on one side). `python -m train evaluate` uses them as its reference. 0: none."""
+    validation_dir: str = ""
+    """A separate folder of held-out images with captions (the layouts of data_dir), never trained
+    on; `python -m train evaluate` uses them as its reference. Instead of validation_split."""
 
     # --- preprocessing
     resolution: int = 1024
@@ -179,6 +186,17 @@ class TrainConfig:
     store: bool = True
     """Save the final adapter into the model store (off for dry runs)."""
 
+    # --- the quality gate of `python -m train evaluate --promote` (read from the stored adapter)
+    gate_max_fid_clip: float = 0.0
+    """--promote refuses an adapter whose fid_clip on the held-out images is not below this; 0: no
+    threshold. fid_clip is FID on CLIP features, not Inception's: calibrate, do not copy papers."""
+    gate_min_ssim: float = 0.0
+    """--promote refuses an adapter whose SSIM against the held-out images is not above this, in
+    [0, 1); 0: no threshold."""
+    gate_max_lpips_clip: float = 0.0
+    """--promote refuses an adapter whose lpips_clip against the held-out images is not below
+    this; 0: no threshold. lpips_clip is an unlearned LPIPS on CLIP features, not AlexNet LPIPS."""
+
     def __post_init__(self) -> None:
         problems = list(self._type_problems()) or list(self._problems())
         if problems:
@@ -211,6 +229,7 @@ class TrainConfig:
         yield from self._count_problems()
         yield from self._value_problems()
         yield from self._speed_problems()
+        yield from self._evaluation_problems()
 
     def _missing_problems(self):
         if not self.data_dir:
@@ -276,6 +295,17 @@ class TrainConfig:
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             yield "adam_beta1, adam_beta2: must be in [0, 1)"
 
+    def _evaluation_problems(self):
+        if not 0 <= self.validation_split < 1:
+            yield f"validation_split: {self.validation_split} must be in [0, 1)"
+        if self.validation_split and self.validation_dir:
+            yield "validation_split, validation_dir: set one of them (a split of data_dir or a folder)"
+        for key in ("gate_max_fid_clip", "gate_max_lpips_clip"):
+            if not getattr(self, key) >= 0:
+                yield f"{key}: {getattr(self, key)} must be 0 (no threshold) or more"
+        if not 0 <= self.gate_min_ssim < 1:
+            yield f"gate_min_ssim: {self.gate_min_ssim} must be in [0, 1) (0: no threshold)"
+
     def _speed_problems(self):
         if not self.checkpoint_blocks:
             yield "checkpoint_blocks: at least one block (or all)"
@@ -294,20 +324,29 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    def global_batch(self, world_size: int = 1) -> int:
+        """Examples per optimizer step: batch_size × gradient_accumulation_steps × processes."""
+        return self.batch_size * self.gradient_accumulation_steps * world_size
+
     def total_steps(self, examples: int, world_size: int = 1) -> int:
         """Optimizer steps for the run: max_steps, or epochs over `examples` split across devices."""
         if self.max_steps:
             return self.max_steps
-        per_step = self.batch_size * self.gradient_accumulation_steps * world_size
-        return max(1, self.epochs * -(-examples // per_step))
+        return max(1, self.epochs * -(-examples // self.global_batch(world_size)))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
     def fingerprint(self, *, exclude: tuple[str, ...] = ()) -> str:
-        """Hash of the settings that shape the result (resuming checks it)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        """Hash of the settings that shape the result (resuming checks it). Fields in ADDED_LATER
+        count only when set, so a checkpoint written before they existed still resumes."""
+        data = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in exclude
+            and not (k in ADDED_LATER and v == TrainConfig.__dataclass_fields__[k].default)
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -322,12 +361,23 @@ RUNTIME_ONLY = (
     "checkpoint_blocks",
     "compile",
     "peak_tflops",
+    "gate_max_fid_clip",
+    "gate_min_ssim",
+    "gate_max_lpips_clip",
 )
 """Fields that do not change what a run computes: a resumed run may differ in these.
 
 checkpoint_blocks, compile and peak_tflops change speed, memory and float rounding, not the
 result. (So would gradient_checkpointing; it stays in the fingerprint so that checkpoints written
-before these fields existed still resume.)"""
+before these fields existed still resume.) The gate thresholds are read by evaluate, not training."""
+ADDED_LATER = ("validation_split", "validation_dir")
+"""Fields that change what a run computes but were added after checkpoints had been written."""
+GATES = {
+    "gate_max_fid_clip": ("fid_clip", "<"),
+    "gate_min_ssim": ("ssim", ">"),
+    "gate_max_lpips_clip": ("lpips_clip", "<"),
+}
+"""Each gate field: the evaluation metric it bounds, and how that metric must compare with it."""
 
 
 def from_dict(data: dict[str, Any], *, source: str = "config") -> TrainConfig:
@@ -356,8 +406,12 @@ def from_dict(data: dict[str, Any], *, source: str = "config") -> TrainConfig:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe into a plain mapping (checked later, with the CLI overrides)."""
+def load_yaml(path: str | Path, *, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML recipe into a plain mapping (checked later, with the CLI overrides).
+
+    A recipe may start from another: `extends: other.yaml` (a path relative to the recipe) takes
+    every value of that recipe, and the recipe's own values replace them key by key.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -367,7 +421,19 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a mapping of option: value")
-    return data
+    if "extends" not in data:
+        return data
+    parent = data.pop("extends")
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: extends: {parent!r} must name a recipe file")
+    parent_path = path.parent / parent
+    if parent_path.resolve() in (*_seen, path.resolve()):
+        raise ConfigError(f"{path}: extends {parent} makes a loop of recipes")
+    try:
+        values = load_yaml(parent_path, _seen=(*_seen, path.resolve()))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: extends {parent}: {err}") from None
+    return {**values, **data}
 
 
 def field_docs() -> dict[str, str]:

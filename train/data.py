@@ -21,9 +21,15 @@ so one broken download does not stop a long run; a problem with the dataset as a
 folder, no images, bad metadata, nothing usable) raises `DatasetError` naming the file, line or
 column at fault.
 
-EXIF orientation is not applied anywhere: the pixels are used as stored (as the diffusers
-training scripts use them), so the fingerprint, the crop and the micro-conditioning all describe
-the same pixels.
+Photos as phones write them: an image's EXIF orientation (a phone stores a portrait photo as a
+landscape pixel array plus an orientation tag) is applied before anything else looks at its
+shape, so the bucket, the crop and the micro-conditioning describe the upright image; colour modes
+are converted to 8-bit RGB by the rule stated in `to_rgb`. The fingerprint stays a hash of the
+file's bytes.
+
+Held-out images: `training_data` keeps some images out of training, for `python -m train
+evaluate` to judge the adapter with: a `validation_split` of the dataset (chosen by `hold_out`)
+or a separate `validation_dir`.
 
 SDXL is conditioned on the original size, the crop's top-left corner and the target size
 (`time_ids`); they are computed as diffusers' `train_text_to_image_lora_sdxl.py` computes them, so
@@ -49,7 +55,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from tqdm.auto import tqdm
 
 from models.hashing import hash_file
@@ -61,6 +67,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = {"jsonl": "metadata.jsonl", "csv": "metadata.csv"}
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 """Pillow opens 16-bit greyscale PNGs in these modes; their values run to 65535, not 255."""
+TRANSPOSED = (5, 6, 7, 8)
+"""EXIF orientations that swap width and height (the 90° and 270° turns, mirrored or not)."""
 
 
 class DatasetError(ValueError):
@@ -109,7 +117,7 @@ class DatasetScan:
         if len(digests) != len(self.examples):
             digests = tuple(hash_file(e.path) for e in self.examples)
         entries = sorted(
-            (e.path.relative_to(self.root).as_posix(), digest, e.caption)
+            (self.relative(e), digest, e.caption)
             for e, digest in zip(self.examples, digests, strict=True)
         )
         total = hashlib.sha256()
@@ -117,6 +125,28 @@ class DatasetScan:
             for part in entry:
                 total.update(part.encode("utf-8") + b"\0")
         return total.hexdigest()
+
+    def subset(self, indices: Sequence[int], *, keep_skipped: bool = True) -> DatasetScan:
+        """The same scan with only the examples at `indices` (in that order)."""
+        digests = tuple(self.digests[i] for i in indices) if self.digests else ()
+        examples = tuple(self.examples[i] for i in indices)
+        skipped = self.skipped if keep_skipped else ()
+        return DatasetScan(self.root, self.layout, examples, skipped, digests)
+
+    def relative(self, example: Example) -> str:
+        return example.path.relative_to(self.root).as_posix()
+
+    def listing(self) -> dict[str, Any]:
+        """Where the examples are, what each says and the sha256 of each file: enough to find
+        exactly these images again (the adapter's metadata keeps it for its held-out images)."""
+        digests = self.digests or tuple(hash_file(e.path) for e in self.examples)
+        return {
+            "root": str(self.root.resolve()),
+            "images": [
+                {"file": self.relative(e), "caption": e.caption, "sha256": d}
+                for e, d in zip(self.examples, digests, strict=True)
+            ],
+        }
 
     def summary(self) -> dict[str, Any]:
         """Counts, skip reasons by kind and the fingerprint: JSON for the adapter's metadata."""
@@ -351,11 +381,82 @@ def _read_image(path: Path, max_pixels: int) -> tuple[str | None, str | None]:
                 if width * height > max_pixels:
                     return None, f"too large: {width}x{height} is over {max_pixels} pixels"
                 image.load()
+                orientation(image)  # a broken EXIF block is found here, not while caching
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return None, f"too large: {err}"
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         return None, f"does not decode: {err}"
     return hashlib.sha256(data).hexdigest(), None
+
+
+# --- images held out of training
+
+
+def training_data(config: TrainConfig) -> tuple[DatasetScan, DatasetScan | None]:
+    """(the examples to train on, the held-out examples or None), as the config says: all of
+    data_dir; or data_dir less a `validation_split`; or data_dir, with `validation_dir` held out.
+
+    A held-out image whose bytes equal a training image's is refused: it would be judged on an
+    image it was trained on.
+    """
+    scan = scan_dataset(
+        config.data_dir, caption_column=config.caption_column, image_column=config.image_column
+    )
+    if config.validation_split:
+        return hold_out(scan, config.validation_split)
+    if not config.validation_dir:
+        return scan, None
+    held = scan_dataset(
+        config.validation_dir,
+        caption_column=config.caption_column,
+        image_column=config.image_column,
+    )
+    trained = dict(zip(scan.digests, scan.examples, strict=True))
+    shared = [
+        (e, trained[d]) for e, d in zip(held.examples, held.digests, strict=True) if d in trained
+    ]
+    if shared:
+        pairs = "; ".join(f"{a.path} = {b.path}" for a, b in shared[:3])
+        raise DatasetError(
+            f"validation_dir {config.validation_dir}: {len(shared)} image(s) are also in data_dir "
+            f"({pairs}); delete them from one of the two folders"
+        )
+    return scan, held
+
+
+def hold_out(scan: DatasetScan, fraction: float) -> tuple[DatasetScan, DatasetScan]:
+    """Split `scan` into (training, held-out) examples; round(fraction × examples) are held out,
+    at least one.
+
+    The rule: files are ranked by the sha256 of their path relative to the dataset folder and
+    taken from the top, so the same images are held out every run and on every machine, and
+    adding images to the folder moves few of them. Files with identical bytes stay on the same
+    side (the first one's path ranks them), so no held-out image has a copy in training.
+    """
+    count = len(scan.examples)
+    wanted = max(1, round(fraction * count))
+    digests = scan.digests or tuple(hash_file(e.path) for e in scan.examples)
+    copies: dict[str, list[int]] = {}
+    for index, digest in enumerate(digests):
+        copies.setdefault(digest, []).append(index)
+
+    def rank(group: list[int]) -> str:
+        return hashlib.sha256(scan.relative(scan.examples[group[0]]).encode()).hexdigest()
+
+    held: list[int] = []
+    for group in sorted(copies.values(), key=rank):
+        if len(held) >= wanted:
+            break
+        held += group
+    if len(held) >= count:
+        raise DatasetError(
+            f"validation_split {fraction} of the {count} usable images in {scan.root} leaves "
+            "none to train on; lower validation_split or add images"
+        )
+    held_set = set(held)
+    kept = [i for i in range(count) if i not in held_set]
+    log.info("%d images held out of training, %d trained on", len(held), len(kept))
+    return scan.subset(kept), scan.subset(sorted(held), keep_skipped=False)
 
 
 # --- one example at its training size
@@ -435,7 +536,7 @@ def example_buckets(examples: Sequence[Example], config: TrainConfig) -> list[Bu
     chosen = []
     for example in examples:
         with Image.open(example.path) as image:
-            chosen.append(choose_bucket(image.width, image.height, buckets))
+            chosen.append(choose_bucket(*upright_size(image), buckets))
     return chosen
 
 
@@ -449,11 +550,36 @@ class Prepared:
     """(orig_h, orig_w, crop_top, crop_left, target_h, target_w), as SDXL expects."""
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB for any mode: transparency over white, palettes, grey, CMYK, 16-bit grey.
+def orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation, 1 (as stored) to 8; 1 when it has none or an invalid one."""
+    value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
-    Over white, because transparent pixels usually hold black or garbage that nobody meant to
-    show; 16-bit values are scaled to 8 bits rather than clipped (Pillow clips them to white).
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as its EXIF orientation says it is seen (turned and mirrored as the tag says)."""
+    return ImageOps.exif_transpose(image) if orientation(image) != 1 else image
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of `upright(image)`, without decoding the pixels."""
+    width, height = image.size
+    return (height, width) if orientation(image) in TRANSPOSED else (width, height)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB for any mode, by one rule per kind of image:
+
+    - transparency (RGBA, LA, PA, a palette or RGB with a transparent colour): composited over
+      white, because transparent pixels usually hold black or garbage nobody meant to show;
+    - palette (P): each index replaced by its palette colour;
+    - CMYK: Pillow's conversion, R = (255 − C)(255 − K)/255 and likewise G from M, B from Y; an
+      embedded ICC profile is not applied (convert such files with a colour-managed tool first if
+      their exact colours matter);
+    - 16-bit grey (I;16, I): value × 255/65535, rounded, rather than clipped (Pillow would clip
+      every value over 255 to white); 16-bit colour PNGs reach here as 8-bit RGB(A), Pillow having
+      kept each channel's high byte (at most one level below rounding);
+    - grey, 1-bit and 32-bit float: Pillow's conversion (grey copied to the three channels).
     """
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
@@ -484,7 +610,8 @@ def prepare_image(
     flip: bool = False,
     rng: random.Random | None = None,
 ) -> Prepared:
-    """Resize `image` to cover `bucket` (Lanczos), crop to it, optionally mirror it.
+    """Turn `image` upright (EXIF orientation), make it RGB (`to_rgb`), resize it to cover
+    `bucket` (Lanczos), crop to it, optionally mirror it.
 
     Center crops are placed as diffusers places them (`round(margin / 2)`); random crops draw
     from `rng`, so a run is repeatable. crop_top/crop_left are in the resized image's pixels. For
@@ -496,7 +623,7 @@ def prepare_image(
         raise ValueError(f"crop {crop!r} is not one of {', '.join(CROPS)}")
     if crop == "random" and rng is None:
         raise ValueError("crop='random' needs an rng (a random.Random) so crops are repeatable")
-    image = to_rgb(image)
+    image = to_rgb(upright(image))
     orig_w, orig_h = image.size
     new_w, new_h = cover_size(orig_w, orig_h, bucket)
     if (new_w, new_h) != image.size:

@@ -47,7 +47,7 @@ from models.quality import (
 from models.stages import production_versions, promote
 from models.store import StoreEntry, get_entry, update_entry
 from train.config import VALIDATION_SEED
-from train.data import IMAGE_SUFFIXES, to_rgb
+from train.data import IMAGE_SUFFIXES, to_rgb, upright
 
 log = logging.getLogger(__name__)
 
@@ -425,13 +425,14 @@ def _jsonl_row(path: Path, number: int, line: str) -> PromptRow:
 
 
 def open_image(path: Path) -> Image.Image:
-    """Decode `path` fully into 8-bit RGB, or raise EvaluationInputError naming it."""
+    """Decode `path` fully into upright (EXIF orientation) 8-bit RGB, as training sees its
+    images, or raise EvaluationInputError naming it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                return to_rgb(image)
+                return to_rgb(upright(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise EvaluationInputError(f"image {path}: too large ({err})") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:

@@ -41,8 +41,15 @@ from models.store import StoreEntry, StoreError
 from train.batches import Batch, Batches, BatchSchedule, open_cache
 from train.checkpoint import Checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from train.config import RUNTIME_ONLY, VALIDATION_SEED, TrainConfig
-from train.data import DatasetScan, example_buckets, scan_dataset
-from train.lora import add_lora, diffusers_layers, load_trainable_state, trainable_state
+from train.data import DatasetScan, example_buckets, training_data
+from train.lora import (
+    SampleSeeds,
+    add_lora,
+    diffusers_layers,
+    load_trainable_state,
+    seed_dropout,
+    trainable_state,
+)
 from train.loss import denoising_loss
 from train.metrics import MetricsLog
 from train.optim import make_lr_schedule, make_optimizer
@@ -80,6 +87,9 @@ class Run:
     """Of the frozen weights (mixed_precision); LoRA weights and the optimizer stay float32."""
     base: StoreEntry
     scan: DatasetScan
+    """The examples trained on."""
+    held_out: DatasetScan | None
+    """The examples kept out of training (validation_split, validation_dir), if any."""
     pipe: StableDiffusionXLPipeline
     noise_scheduler: DDPMScheduler
     prediction_type: str
@@ -92,6 +102,8 @@ class Run:
     lora_config: dict[str, LoraConfig]
     trained: dict[str, torch.nn.Module]
     """The components with LoRA layers: unet, and both text encoders with text_encoder_lora."""
+    dropout_seeds: SampleSeeds
+    """Each example's LoRA-dropout seed in the micro-batch being trained (set by `fit`)."""
     params: list[torch.nn.Parameter]
     """The LoRA parameters, what the optimizer updates."""
     unet: torch.nn.Module
@@ -137,14 +149,13 @@ def setup(config: TrainConfig) -> Run:
     torch.manual_seed(derive_seed(config.seed, "init"))  # LoRA initialisation
 
     base = get_base(config.base)
-    scan = scan_dataset(
-        config.data_dir, caption_column=config.caption_column, image_column=config.image_column
-    )
+    scan, held_out = training_data(config)
     buckets = example_buckets(scan.examples, config)
     log.info(
-        "%d examples (%d skipped) in %d buckets",
+        "%d examples (%d skipped, %d held out) in %d buckets",
         len(scan.examples),
         len(scan.skipped),
+        len(held_out.examples) if held_out is not None else 0,
         len(set(buckets)),
     )
     pipe = load_pipeline(f"store:{base.tag}", dtype=torch.float32, device="cpu")
@@ -157,7 +168,7 @@ def setup(config: TrainConfig) -> Run:
     batches = Batches(pipe, scan.examples, buckets, config, cache)
     offloaded = encode_once(batches, accelerator, dtype)
 
-    lora_config = add_trainable_layers(pipe, config, device, dtype)
+    lora_config, dropout_seeds = add_trainable_layers(pipe, config, device, dtype)
     trained = {name: getattr(pipe, name) for name in lora_config}
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     total_steps = config.total_steps(len(scan.examples), accelerator.num_processes)
@@ -179,15 +190,19 @@ def setup(config: TrainConfig) -> Run:
         dtype=dtype,
         base=base,
         scan=scan,
+        held_out=held_out,
         pipe=pipe,
         noise_scheduler=noise_scheduler,
         prediction_type=prediction_type,
         batches=batches,
-        schedule=BatchSchedule(buckets, config.batch_size, config.seed),
+        schedule=BatchSchedule(
+            buckets, config.global_batch(accelerator.num_processes), config.seed
+        ),
         validation_batches=validation_batches(batches, config),
         offloaded=offloaded,
         lora_config=lora_config,
         trained=trained,
+        dropout_seeds=dropout_seeds,
         params=params,
         unet=unet,
         optimizer=optimizer,
@@ -254,11 +269,13 @@ def encode_once(
 
 def add_trainable_layers(
     pipe: StableDiffusionXLPipeline, config: TrainConfig, device: torch.device, dtype: torch.dtype
-) -> dict[str, LoraConfig]:
+) -> tuple[dict[str, LoraConfig], SampleSeeds]:
     """The UNet on the device with LoRA layers (and on the text encoders with
-    text_encoder_lora), gradient checkpointing, attention backend and compilation as configured."""
+    text_encoder_lora) whose dropout is seeded per example, gradient checkpointing, attention
+    backend and compilation as configured; returns the LoRA configs and the dropout seeds."""
     pipe.unet.to(device, dtype)
     lora_config = add_lora(pipe, config)
+    dropout_seeds = seed_dropout({name: getattr(pipe, name) for name in lora_config})
     if config.gradient_checkpointing:
         blocks = enable_checkpointing(pipe.unet, config.checkpoint_blocks)
         log.info("gradient checkpointing in %s", ", ".join(blocks))
@@ -267,7 +284,7 @@ def add_trainable_layers(
     # Last: it traces the LoRA layers and the flags set above.
     if compiled := compile_unet(pipe.unet, config.compile):
         log.info("compiled %d UNet module(s) for training (%s)", compiled, config.compile)
-    return lora_config
+    return lora_config, dropout_seeds
 
 
 def validation_batches(batches: Batches, config: TrainConfig) -> list[Batch]:
@@ -275,7 +292,9 @@ def validation_batches(batches: Batches, config: TrainConfig) -> list[Batch]:
     count = min(config.validation_loss_examples, len(batches.examples))
     return [
         batches.batch(
-            [i], torch.Generator().manual_seed(derive_seed(config.seed, "val", i)), random.Random(i)
+            [i],
+            [torch.Generator().manual_seed(derive_seed(config.seed, "val", i))],
+            [random.Random(i)],
         )
         for i in range(count)
     ]
@@ -284,15 +303,13 @@ def validation_batches(batches: Batches, config: TrainConfig) -> list[Batch]:
 def count_step_flops(run: Run) -> float:
     """FLOPs of one optimizer step on this process, for TFLOP/s and MFU: counted once, at the
     first batch's shape (buckets differ in shape but hold about the same number of pixels)."""
-    config, accelerator, pipe = run.config, run.accelerator, run.pipe
+    config, pipe = run.config, run.pipe
     accum = config.gradient_accumulation_steps
-    first = run.schedule.batch(
-        run.start_step * accum * accelerator.num_processes + accelerator.process_index
-    )[1]
+    first = run.schedule.batch(run.start_step)[1]
     bucket = run.batches.buckets[first[0]]
     flops = unet_training_flops(
         pipe.unet,
-        batch=len(first),
+        batch=config.batch_size,
         height=bucket.height // pipe.vae_scale_factor,
         width=bucket.width // pipe.vae_scale_factor,
         text_tokens=pipe.tokenizer.model_max_length,
@@ -324,10 +341,11 @@ def resume(run: Run) -> None:
 def fit(run: Run) -> float:
     """The optimizer steps from `run.start_step` to the end; returns the last step's loss.
 
-    Micro-batch `index` of the run is a pure function of (seed, index): the schedule picks its
-    examples, and its noise, augmentation and LoRA dropout come from seeds derived from the
-    index, so a resumed run computes exactly the steps an uninterrupted one would and each
-    process of a data-parallel run takes its own share.
+    Step s trains on the global batch the schedule gives for (seed, s); each process's
+    micro-batches are slices of it, and every example's randomness (latent sample, noise,
+    timestep, flip, LoRA dropout) comes from seeds derived from (seed, s, its place in the global
+    batch). So a resumed run computes exactly the steps an uninterrupted one would, and any split
+    of the same global batch into processes × micro-batches × batch size trains the same weights.
     """
     config, accelerator, total = run.config, run.accelerator, run.total_steps
     accum, world = config.gradient_accumulation_steps, accelerator.num_processes
@@ -340,14 +358,10 @@ def fit(run: Run) -> float:
     loss = float("nan")
     for step in range(run.start_step, total):
         started = time.time()
+        epoch, examples = run.schedule.batch(step)
         micro_losses = []
         for micro in range(accum):
-            index = (step * accum + micro) * world + accelerator.process_index
-            epoch, examples = run.schedule.batch(index)
-            generator = torch.Generator().manual_seed(derive_seed(config.seed, "noise", index))
-            torch.manual_seed(derive_seed(config.seed, "dropout", index))
-            augment = random.Random(derive_seed(config.seed, "aug", index))
-            batch = run.batches.batch(examples, generator, augment)
+            batch, generators = micro_batch(run, step, examples, micro)
             # Gradients are summed locally and synchronised once, at the step's last micro-batch.
             last = micro == accum - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(run.unet)
@@ -357,7 +371,7 @@ def fit(run: Run) -> float:
                     run.unet,
                     run.noise_scheduler,
                     batch,
-                    generator=generator,
+                    generators=generators,
                     prediction_type=run.prediction_type,
                     snr_gamma=config.snr_gamma,
                     noise_offset=config.noise_offset,
@@ -390,6 +404,28 @@ def fit(run: Run) -> float:
             validate(run, done)
     progress.close()
     return loss
+
+
+def micro_batch(
+    run: Run, step: int, examples: list[int], micro: int
+) -> tuple[Batch, list[torch.Generator]]:
+    """This process's micro-batch `micro` of step `step`'s global batch `examples`, with each
+    example's generator (latent sample, then noise and timestep); sets its dropout seeds.
+
+    The global batch is cut into processes × accumulation slices of batch_size; slice
+    micro × processes + rank is this one's.
+    """
+    config, accelerator = run.config, run.accelerator
+    size = config.batch_size
+    part = micro * accelerator.num_processes + accelerator.process_index
+    places = range(part * size, (part + 1) * size)
+    generators = [
+        torch.Generator().manual_seed(derive_seed(config.seed, "noise", step, p)) for p in places
+    ]
+    rngs = [random.Random(derive_seed(config.seed, "aug", step, p)) for p in places]
+    run.dropout_seeds.seeds = tuple(derive_seed(config.seed, "dropout", step, p) for p in places)
+    batch = run.batches.batch([examples[p] for p in places], generators, rngs)
+    return batch, generators
 
 
 def due(every: int, step: int, total: int) -> bool:
@@ -532,7 +568,7 @@ def fixed_noise_loss(run: Run) -> float:
                     run.pipe.unet,
                     run.noise_scheduler,
                     batch,
-                    generator=generator,
+                    generators=[generator],
                     prediction_type=run.prediction_type,
                     snr_gamma=0.0,
                     noise_offset=0.0,
@@ -601,7 +637,7 @@ def store(run: Run, loss: float, validation: dict, *, wall: float) -> TrainResul
         write_report(
             config.run_dir(),
             config=config.to_dict(),
-            dataset=run.scan.summary(),
+            dataset=dataset_summary(run),
             summary={
                 "adapter": tag or "(not stored)",
                 "steps": total,
@@ -628,7 +664,7 @@ def adapter_info(run: Run, loss: float, validation: dict, wall: float) -> Adapte
         target_modules=list(config.target_modules),
         text_encoder_lora=config.text_encoder_lora,
         training_config=config.to_dict(),
-        dataset=run.scan.summary(),
+        dataset=dataset_summary(run),
         steps=run.total_steps,
         final_loss=loss,
         validation=validation,
@@ -638,6 +674,15 @@ def adapter_info(run: Run, loss: float, validation: dict, wall: float) -> Adapte
 
 
 # --- small parts
+
+
+def dataset_summary(run: Run) -> dict:
+    """The training data's summary and, under `held_out`, the held-out images: where they are,
+    their captions and each file's sha256 (what `python -m train evaluate` reads by default)."""
+    summary = run.scan.summary()
+    if run.held_out is not None:
+        summary["held_out"] = {**run.held_out.summary(), **run.held_out.listing()}
+    return summary
 
 
 def derive_seed(*parts: object) -> int:

@@ -98,3 +98,75 @@ def diffusers_layers(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str,
         }
         for component, module in modules.items()
     }
+
+
+# --- LoRA dropout that does not depend on the batch an example is in
+
+
+class SampleSeeds:
+    """The dropout seed of each example in the micro-batch being trained, in batch order.
+
+    The training loop sets it before each micro-batch; every `SeededDropout` layer reads it.
+    """
+
+    def __init__(self) -> None:
+        self.seeds: tuple[int, ...] = ()
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device]
+
+
+LAYER_STRIDE = 0x9E3779B97F4A7C15
+"""Spreads one example's seed over the layers: layer i draws from seed + i × this (mod 2⁶³)."""
+
+
+class SeededDropout(torch.nn.Dropout):
+    """LoRA dropout whose mask for an example depends on that example's seed and the layer only.
+
+    peft's `nn.Dropout` draws one mask for the whole batch from the global generator, so an
+    example's mask depends on which examples share its micro-batch and process: two processes of
+    batch 2 would not train as one of batch 4. Here example k's mask comes from a generator seeded
+    by `seeds.seeds[k]` and the layer's index, so it is the same in any split of the global batch,
+    and again when gradient checkpointing recomputes the layer.
+    """
+
+    def __init__(self, p: float, seeds: SampleSeeds, layer: int):
+        super().__init__(p)
+        self.sample_seeds = seeds
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        seeds = self.sample_seeds.seeds
+        if len(seeds) != x.shape[0]:
+            raise RuntimeError(
+                f"LoRA dropout has {len(seeds)} example seeds for a batch of {x.shape[0]}; the "
+                "training loop sets them before each micro-batch"
+            )
+        generator = self.sample_seeds.generator(x.device)
+        keep = []
+        for seed in seeds:
+            generator.manual_seed((seed + self.layer * LAYER_STRIDE) % 2**63)
+            keep.append(torch.rand(x.shape[1:], generator=generator, device=x.device) >= self.p)
+        return x * (torch.stack(keep).to(x.dtype) / (1 - self.p))
+
+
+def seed_dropout(modules: dict[str, torch.nn.Module]) -> SampleSeeds:
+    """Replace peft's LoRA dropout layers in `modules` by `SeededDropout` layers reading one
+    `SampleSeeds`, which is returned (with dropout 0 peft makes none, and nothing changes)."""
+    seeds = SampleSeeds()
+    layer = 0
+    for module in modules.values():
+        for sub in module.modules():
+            dropouts = getattr(sub, "lora_dropout", None)
+            if not isinstance(dropouts, torch.nn.ModuleDict):
+                continue
+            for name, dropout in dropouts.items():
+                if isinstance(dropout, torch.nn.Dropout):
+                    dropouts[name] = SeededDropout(dropout.p, seeds, layer)
+                    layer += 1
+    return seeds

@@ -7,6 +7,8 @@ validation loss; the functions below it are its parts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from diffusers import SchedulerMixin, StableDiffusionXLPipeline
@@ -20,7 +22,7 @@ def denoising_loss(
     scheduler: SchedulerMixin,
     batch: Batch,
     *,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
     prediction_type: str,
     snr_gamma: float,
     noise_offset: float,
@@ -30,15 +32,19 @@ def denoising_loss(
 ) -> torch.Tensor:
     """Noise the batch's latents at random (or given) timesteps and score the UNet's prediction.
 
-    All randomness comes from `generator`, drawn on the CPU, so the same generator state gives
-    the same loss on any device and after any resume.
+    All randomness comes from `generators`, one per example, drawn on the CPU: example i's noise
+    and timestep depend on its own generator alone, so the same generator states give the same
+    loss on any device, after any resume, and however the examples are split into micro-batches
+    and processes.
     """
     latents = batch.latents
-    noise = make_noise(latents.shape, generator, noise_offset)
+    if len(generators) != latents.shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {latents.shape[0]}")
+    one = torch.Size((1, *latents.shape[1:]))
+    noise = torch.cat([make_noise(one, g, noise_offset) for g in generators])
     if timesteps is None:
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-        )
+        steps = scheduler.config.num_train_timesteps
+        timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators])
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = target_for(scheduler, latents, noise, timesteps, prediction_type)
     if batch.prompt_embeds is not None:
