@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from train.config import (
+    GATES,
     VALIDATION_SEED,
     ConfigError,
     TrainConfig,
@@ -156,9 +157,10 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     arg("--adapter", required=True, help="adapter to evaluate: lora-NAME or lora-NAME:VERSION")
     arg(
         "--prompts",
-        required=True,
+        default="",
         help='.txt (a prompt a line; # comments) or .jsonl ({"prompt": ..., "image": optional '
-        "reference image, relative to the file}: rows with an image give ssim and lpips_clip)",
+        "reference image, relative to the file}: rows with an image give ssim and lpips_clip) "
+        "(default: the captions of the adapter's held-out images, each with its image)",
     )
     arg(
         "--clip",
@@ -166,7 +168,12 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
         help=f"CLIP store tag for the metrics (default: the adapter's validation_clip, else "
         f"{DEFAULT_CLIP})",
     )
-    arg("--reference", default="", help="folder of real images: gives fid_clip and kid_clip")
+    arg(
+        "--reference",
+        default="",
+        help="folder of real images: gives fid_clip and kid_clip (default: the adapter's "
+        "held-out images, when it has 2 or more)",
+    )
     arg("--seeds-per-prompt", type=int, default=1, help="images per prompt, each its own seed")
     arg(
         "--seed",
@@ -207,6 +214,17 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
         help="label the adapter stage=production if it beats the current production version "
         "(else the base) on --metric by --margin; the previous production becomes stage=archived",
     )
+    for field, (metric, op) in GATES.items():
+        side = "below" if op == "<" else "above"
+        arg(
+            "--" + field.replace("_", "-"),
+            dest=field,
+            type=float,
+            default=None,
+            metavar="X",
+            help=f"--promote also needs the adapter's {metric} {side} X; 0 drops the threshold "
+            "(default: the adapter's training recipe's)",
+        )
     arg("--device", choices=("auto", "cpu", "cuda"), default="auto")
     arg(
         "--dtype",
@@ -232,6 +250,8 @@ def evaluate_main(argv: Sequence[str]) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if planned.held_out is not None:
+        print(f"held-out images of {planned.adapter.tag}: {planned.held_out['root']}")
     print(
         f"evaluating {planned.adapter.tag} on base {planned.base.tag}"
         + (f" against production {planned.production.tag}" if planned.production else "")
@@ -256,6 +276,8 @@ def evaluate_main(argv: Sequence[str]) -> int:
         else:
             print(f"gate: NOT PROMOTED {planned.adapter.tag}")
         print(f"gate: {result.decision.reason}")
+        for line in result.decision.thresholds:
+            print(f"gate: {line}")
     return 0
 
 

@@ -9,10 +9,17 @@ starting with `#` ignored) or `.jsonl` (one object a line: `{"prompt": "...", "i
 "optional/path.png"}`, the image path relative to the file's folder); rows with an image are
 compared with it pixel by pixel (SSIM, lpips_clip). A reference folder holds real images that the
 generated set is compared with as a distribution (fid_clip, kid_clip).
+
+By default both come from the adapter's held-out images (`validation_split` or `validation_dir`
+at training, listed in its metadata with their captions and sha256): each caption is a prompt with
+its photo as the pairwise reference, and the photos are the reference set. The quality gate
+(`--promote`) asks for more than beating the production version: every threshold the recipe set
+(`gate_max_fid_clip`, `gate_min_ssim`, `gate_max_lpips_clip`, or the same options here) must hold.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -46,7 +53,7 @@ from models.quality import (
 )
 from models.stages import production_versions, promote
 from models.store import StoreEntry, get_entry, update_entry
-from train.config import VALIDATION_SEED
+from train.config import GATES, VALIDATION_SEED
 from train.data import IMAGE_SUFFIXES, to_rgb, upright
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,9 @@ class PromptRow:
 class Decision:
     promote: bool
     reason: str
+    """Why, for the production rule: the metric, both values and the margin."""
+    thresholds: tuple[str, ...] = ()
+    """One line per gate threshold: the metric, its value, the threshold, met or missed."""
 
 
 @dataclass
@@ -78,7 +88,7 @@ class EvalOptions:
     """What `python -m train evaluate` takes; 0 / "" / None mean "from the adapter's metadata"."""
 
     adapter: str
-    prompts: str
+    prompts: str = ""
     clip: str = ""
     reference: str = ""
     seeds_per_prompt: int = 1
@@ -93,6 +103,9 @@ class EvalOptions:
     device: str = "auto"
     dtype: str = "auto"
     out: str = ""
+    gate_max_fid_clip: float | None = None
+    gate_min_ssim: float | None = None
+    gate_max_lpips_clip: float | None = None
 
 
 @dataclass
@@ -118,6 +131,10 @@ class Plan:
     """The metrics these inputs allow, in table order."""
     jobs: list[tuple[int, int, int]]
     """(prompt index, seed index, seed) per image."""
+    gates: dict[str, tuple[str, float]]
+    """Metric -> ("<" or ">", threshold) that `--promote` requires of the adapter."""
+    held_out: dict[str, Any] | None = None
+    """The adapter's held-out listing, when prompts or references came from it."""
 
 
 @dataclass
@@ -143,21 +160,9 @@ def plan(options: EvalOptions) -> Plan:
     adapter = get_adapter(options.adapter)
     base = get_base(adapter.metadata.get("base_tag", ""))
     check_made_for(adapter, base)
-    rows = read_prompts(options.prompts)
-    reference_images = read_reference_dir(options.reference) if options.reference else []
+    rows, reference_images, held_out = _inputs(options, adapter)
     references = {i: open_image(r.reference) for i, r in enumerate(rows) if r.reference}
-    metrics = ["clip_score"]
-    if references:
-        metrics += ["ssim", "lpips_clip"]
-    if reference_images:
-        metrics += ["fid_clip", "kid_clip"]
-    if options.metric not in metrics:
-        need = (
-            "--reference DIR (a folder of real images)"
-            if options.metric in ("fid_clip", "kid_clip")
-            else 'reference images in the prompts file (.jsonl rows with "image")'
-        )
-        raise EvaluationInputError(f"--metric {options.metric} needs {need}")
+    metrics = _metrics(options, references, reference_images)
     images = len(rows) * options.seeds_per_prompt
     if reference_images and images < 2:
         raise EvaluationInputError(
@@ -173,6 +178,7 @@ def plan(options: EvalOptions) -> Plan:
     if options.steps < 0:
         raise EvaluationInputError("--steps must be at least 1")
     steps = options.steps or _positive_int(training.get("validation_inference_steps"))
+    gates = _gates(options, training, metrics)
     guidance = options.guidance
     if guidance is None:
         trained = training.get("validation_guidance")
@@ -200,7 +206,100 @@ def plan(options: EvalOptions) -> Plan:
         out=out,
         metrics=metrics,
         jobs=jobs,
+        gates=gates,
+        held_out=held_out,
     )
+
+
+def _inputs(
+    options: EvalOptions, adapter: StoreEntry
+) -> tuple[list[PromptRow], list[Image.Image], dict[str, Any] | None]:
+    """(prompt rows, reference set, the held-out listing if either came from it): --prompts and
+    --reference where given, else the adapter's held-out images."""
+    held = None if options.prompts and options.reference else held_out_listing(adapter)
+    images = held_out_images(held, adapter) if held is not None else []
+    if options.prompts:
+        rows = read_prompts(options.prompts)
+    elif held is not None:
+        rows = [PromptRow(caption, path) for caption, path in images]
+    else:
+        raise EvaluationInputError(
+            f"--prompts is required: {adapter.tag} was trained without held-out images "
+            "(set validation_split or validation_dir in its recipe to have them by default)"
+        )
+    if options.reference:
+        return rows, read_reference_dir(options.reference), held
+    reference_images = [open_image(path) for _, path in images] if len(images) >= 2 else []
+    return rows, reference_images, held
+
+
+def _metrics(
+    options: EvalOptions, references: dict[int, Image.Image], reference_images: list
+) -> list[str]:
+    """The metrics the inputs allow; refuses a --metric they do not."""
+    metrics = ["clip_score"]
+    if references:
+        metrics += ["ssim", "lpips_clip"]
+    if reference_images:
+        metrics += ["fid_clip", "kid_clip"]
+    if options.metric not in metrics:
+        need = (
+            "--reference DIR (a folder of real images) or at least 2 held-out images"
+            if options.metric in ("fid_clip", "kid_clip")
+            else 'reference images in the prompts file (.jsonl rows with "image") or held-out '
+            "images"
+        )
+        raise EvaluationInputError(f"--metric {options.metric} needs {need}")
+    return metrics
+
+
+def _gates(
+    options: EvalOptions, training: dict, metrics: list[str]
+) -> dict[str, tuple[str, float]]:
+    """The thresholds --promote applies: each option given here, else the recipe's; 0 is none.
+    With --promote, a threshold on a metric these inputs cannot measure is refused."""
+    gates = {}
+    for field, (metric, op) in GATES.items():
+        value = getattr(options, field)
+        if value is None:
+            value = training.get(field) or 0.0
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise EvaluationInputError(f"{field}: {value!r} must be a number, 0 or more")
+        if value:
+            gates[metric] = (op, float(value))
+    unmeasured = [m for m in gates if m not in metrics]
+    if options.promote and unmeasured:
+        raise EvaluationInputError(
+            f"the gate threshold on {', '.join(unmeasured)} needs reference images: held-out "
+            "images (validation_split or validation_dir in the recipe), or --prompts with "
+            "images and --reference DIR; or pass --gate-... 0 to drop the threshold"
+        )
+    return gates
+
+
+def held_out_listing(adapter: StoreEntry) -> dict[str, Any] | None:
+    """The held-out images the adapter's metadata lists (`dataset.held_out`), or None."""
+    held = (adapter.metadata.get("dataset") or {}).get("held_out")
+    return held if isinstance(held, dict) and held.get("images") else None
+
+
+def held_out_images(held: dict[str, Any], adapter: StoreEntry) -> list[tuple[str, Path]]:
+    """(caption, path) of each held-out image, each file checked against its recorded sha256."""
+    root = Path(held["root"])
+    images = []
+    for image in held["images"]:
+        path = root / image["file"]
+        if not path.is_file():
+            problem = "is missing"
+        elif hash_file(path) != image["sha256"]:
+            problem = f"changed since {adapter.tag} was trained (its sha256 differs)"
+        else:
+            images.append((image["caption"], path))
+            continue
+        raise EvaluationInputError(
+            f"held-out image {path} {problem}; restore it, or pass --prompts and --reference"
+        )
+    return images
 
 
 def _positive_int(value: Any) -> int:
@@ -268,6 +367,7 @@ def evaluate(plan: Plan) -> Evaluation:
             margin=options.margin,
             reference_name=f"{reference_variant} {results[reference_variant]['tag']}",
         )
+        decision = apply_gates(decision, plan.gates, results["adapter"])
     record = _record(plan, results, reference_variant, decision)
     results_path = plan.out / "results.json"
     results_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -336,10 +436,8 @@ def _record(plan: Plan, results, reference_variant: str, decision: Decision | No
         "base": plan.base.tag,
         "production": plan.production.tag if plan.production is not None else "",
         "clip": plan.clip,
-        "prompts_file": str(Path(options.prompts).resolve()),
-        "prompts_sha256": hash_file(options.prompts),
+        **_sources(plan),
         "prompts": len(plan.rows),
-        "reference_dir": str(Path(options.reference).resolve()) if options.reference else "",
         "reference_images": len(plan.reference_images),
         "seeds_per_prompt": options.seeds_per_prompt,
         "seeds": [seed for _, _, seed in plan.jobs],
@@ -353,11 +451,38 @@ def _record(plan: Plan, results, reference_variant: str, decision: Decision | No
         "results": results,
         "reference_variant": reference_variant,
         "gate": (
-            {"metric": options.metric, "margin": options.margin, **asdict(decision)}
+            {
+                "metric": options.metric,
+                "margin": options.margin,
+                "limits": {m: f"{op} {limit:g}" for m, (op, limit) in plan.gates.items()},
+                **asdict(decision),
+            }
             if decision is not None
             else None
         ),
         "images": {label: str(plan.out / label) for label in results},
+    }
+
+
+def _sources(plan: Plan) -> dict[str, Any]:
+    """Where the prompts and the reference set came from: files, or the held-out images."""
+    options = plan.options
+    held = (
+        hashlib.sha256(json.dumps(plan.held_out, sort_keys=True).encode()).hexdigest()
+        if plan.held_out is not None
+        else ""
+    )
+    held_root = f"held-out images of {plan.held_out['root']}" if plan.held_out else ""
+    return {
+        "prompts_file": str(Path(options.prompts).resolve()) if options.prompts else held_root,
+        "prompts_sha256": hash_file(options.prompts) if options.prompts else held,
+        "reference_dir": (
+            str(Path(options.reference).resolve())
+            if options.reference
+            else held_root
+            if plan.reference_images
+            else ""
+        ),
     }
 
 
@@ -485,3 +610,18 @@ def decide(
     if improvement > margin:
         return Decision(True, f"{facts} > margin {margin:g}")
     return Decision(False, f"{facts} is not more than margin {margin:g}")
+
+
+def apply_gates(
+    decision: Decision, gates: dict[str, tuple[str, float]], values: dict[str, Any]
+) -> Decision:
+    """`decision`, refused unless the adapter's value of every gated metric is strictly on the
+    threshold's good side (a NaN is not)."""
+    lines, met = [], True
+    for metric, (op, limit) in gates.items():
+        value = float(values[metric])
+        ok = value < limit if op == "<" else value > limit
+        met = met and ok
+        verdict = "meets" if ok else "MISSES"
+        lines.append(f"{metric} {value:.4f} {verdict} the threshold {op} {limit:g}")
+    return Decision(decision.promote and met, decision.reason, tuple(lines))
