@@ -3,6 +3,7 @@
 python -m train --config configs/quickstart.yaml --rank 8 --max-steps 200
 python -m train sample-data data/sample
 python -m train evaluate --adapter lora-quickstart --prompts prompts.txt --promote
+python -m train selftest --config configs/medical-128-phase-i.yaml
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sample_data_main(argv[1:])
     if argv[:1] == ["evaluate"]:
         return evaluate_main(argv[1:])
+    if argv[:1] == ["selftest"]:
+        return selftest_main(argv[1:])
     return train_main(argv)
 
 
@@ -75,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a LoRA adapter for an SDXL base in the BentoML model store. Options "
         "override the --config YAML file; lists are comma-separated. Also: "
         "`python -m train sample-data DIR` writes a small sample dataset; "
-        "`python -m train evaluate --help` scores and gates an adapter.",
+        "`python -m train evaluate --help` scores and gates an adapter; "
+        "`python -m train selftest --help` checks machine, data and store against a recipe.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML recipe (see configs/)")
@@ -108,11 +112,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: Sequence[str]) -> TrainConfig:
     """YAML values, then command-line values on top, checked together."""
-    args = vars(build_parser().parse_args(argv))
+    return config_from_values(vars(build_parser().parse_args(argv)))
+
+
+def config_from_values(args: dict) -> TrainConfig:
+    """The config from parsed options: `config` (a YAML path) and any field values on top."""
     path = args.pop("config", None)
     values = load_yaml(path) if path else {}
     values.update(args)
     return from_dict(values, source=path or "command line")
+
+
+# --- python -m train selftest
+
+
+def selftest_main(argv: Sequence[str]) -> int:
+    import os
+
+    from train.selftest import failed, run_selftest, table
+
+    parser = build_parser()
+    parser.prog = "python -m train selftest"
+    parser.description = (
+        "Check a recipe before a long run: GPUs and memory, library versions, the dataset "
+        "(counts per folder, unreadable or truncated images, missing captions, small images, "
+        "duplicates, held-out images), the model store, free disk, then two training steps and "
+        "one render at the recipe's resolution. Prints a table with the fix for each failure; "
+        "exits 1 if any check fails. Takes the training options (--config and overrides)."
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="GPUs the run will use (accelerate launch --num_processes); default: those visible",
+    )
+    args = vars(parser.parse_args(argv))
+    gpus = args.pop("gpus")
+    try:
+        config = config_from_values(args)
+        if gpus is not None and gpus < 0:
+            raise ConfigError(f"--gpus {gpus}: must be 0 or more")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("run selftest as one process (python -m train selftest), not under "
+                              "accelerate launch; --gpus N says how many the run will use")  # fmt: skip
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    checks = run_selftest(config, gpus=gpus)
+    print(table(checks))
+    bad = [c.name for c in checks if c.status == "FAIL"]
+    print(f"selftest: FAILED ({', '.join(bad)})" if bad else "selftest: all checks passed")
+    return 1 if failed(checks) else 0
 
 
 # --- python -m train sample-data
