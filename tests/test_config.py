@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from train.cli import build_parser, config_from_args
-from train.config import ConfigError, TrainConfig, from_dict, load_yaml
+from train.config import RUNTIME_ONLY, ConfigError, TrainConfig, from_dict, load_yaml
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -150,3 +152,86 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "resolution: 30 must be a positive multiple of 8" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- the small-dataset recipes
+
+
+def test_phase_recipes_are_the_template_on_one_gpu_each():
+    template = from_dict(load_yaml(CONFIGS / "medical-128.yaml"))
+    assert template.global_batch(2) == 32
+    for phase, data in (("i", "data/wounds/phase-I"), ("r", "data/wounds/phase-R")):
+        c = from_dict(load_yaml(CONFIGS / f"medical-128-phase-{phase}.yaml"))
+        assert (c.name, c.data_dir) == (f"wounds-phase-{phase}", data)
+        assert c.global_batch(1) == 32  # one GPU per phase: 4 × 8
+        assert (c.rank, c.alpha, c.resolution, c.epochs, c.lr_scheduler, c.learning_rate) == (
+            8, 16.0, 128, 100, "cosine", 1e-4,
+        )  # fmt: skip
+        assert c.validation_split == 0.1
+        assert (c.gate_max_fid_clip, c.gate_min_ssim, c.gate_max_lpips_clip) == (40, 0.75, 0.25)
+        same = dataclasses.replace(
+            c,
+            name=template.name,
+            data_dir=template.data_dir,
+            gradient_accumulation_steps=4,
+            validation_prompts=template.validation_prompts,
+        )
+        assert same == template  # nothing else differs from the template
+
+
+def test_quick_recipe_is_the_template_for_a_hundred_steps():
+    c = from_dict(load_yaml(CONFIGS / "medical-128-quick.yaml"))
+    assert (c.resolution, c.rank, c.max_steps, c.global_batch(1)) == (128, 8, 100, 4)
+    assert c.validation_split == 0.1 and c.gate_min_ssim == 0.75
+
+
+def test_a_recipe_extends_another_and_overrides_key_by_key(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "parent.yaml").write_text("data_dir: d\nname: parent\nrank: 8\n")
+    (tmp_path / "child.yaml").write_text("extends: base/parent.yaml\nname: child\n")
+    (tmp_path / "grandchild.yaml").write_text("extends: child.yaml\nalpha: 2\n")
+    assert load_yaml(tmp_path / "grandchild.yaml") == {
+        "data_dir": "d", "name": "child", "rank": 8, "alpha": 2,
+    }  # fmt: skip
+    config = config_from_args(["--config", str(tmp_path / "child.yaml"), "--rank", "4"])
+    assert (config.name, config.rank) == ("child", 4)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "extends: missing.yaml\n",
+            "extends missing.yaml: config file .*missing.yaml does not exist",
+        ),
+        ("extends: loop.yaml\n", "extends loop.yaml makes a loop of recipes"),
+        ("extends: [a, b]\n", r"extends: \['a', 'b'\] must name a recipe file"),
+    ],
+)
+def test_bad_extends_are_refused(tmp_path, text, message):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_yaml(tmp_path / "loop.yaml")
+
+
+def test_held_out_and_gate_fields_are_checked_and_do_not_break_old_checkpoints():
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(data_dir="d", name="n", gate_min_ssim=1.5, gate_max_fid_clip=-1)
+    assert "gate_min_ssim: 1.5 must be in [0, 1)" in str(err.value)
+    assert "gate_max_fid_clip: -1 must be 0 (no threshold) or more" in str(err.value)
+    plain = TrainConfig(data_dir="d", name="n")
+    # What a checkpoint written before these fields existed holds: the hash of the other
+    # fields. Fields added later count only when set, so such a checkpoint still resumes.
+    before = {
+        k: v
+        for k, v in plain.to_dict().items()
+        if k not in RUNTIME_ONLY
+        and k not in ("validation_split", "validation_dir")
+        and not k.startswith("gate_")
+    }
+    digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert plain.fingerprint(exclude=RUNTIME_ONLY) == digest
+    split = dataclasses.replace(plain, validation_split=0.1)
+    assert split.fingerprint(exclude=RUNTIME_ONLY) != digest
+    gated = dataclasses.replace(plain, gate_min_ssim=0.75)  # read by evaluate, not training
+    assert gated.fingerprint(exclude=RUNTIME_ONLY) == digest
