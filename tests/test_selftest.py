@@ -234,3 +234,15 @@ def test_a_blank_render_fails_with_the_fp16_vae_fix(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noise)
     assert _image(noise, config(resolution=64), 1.0).status == PASS
+
+
+def test_ranges_come_from_pyproject_when_bentolora_is_not_installed(monkeypatch):
+    import importlib.metadata
+
+    installed = sorted(Probe().requirements())
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "requires", not_installed)
+    assert sorted(Probe().requirements()) == installed  # the checkout's pyproject.toml

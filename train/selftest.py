@@ -99,10 +99,23 @@ class Probe:
             return None
 
     def requirements(self) -> list[str]:
+        """bentolora's dependency ranges: from its installed metadata, else from the
+        pyproject.toml of the checkout it runs from (PYTHONPATH, no install)."""
         try:
             return importlib.metadata.requires("bentolora") or []
         except importlib.metadata.PackageNotFoundError:
+            pass
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
             return []
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        if not pyproject.is_file():
+            return []
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+        extras = project.get("optional-dependencies", {})
+        marked = [f'{r}; extra == "{name}"' for name, reqs in extras.items() for r in reqs]
+        return list(project.get("dependencies", [])) + marked
 
     def free_disk(self, path: Path) -> int:
         while not path.exists() and path != path.parent:
