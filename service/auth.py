@@ -32,7 +32,16 @@ serves no files: its images travel inside the answers; keeps no deep links or ru
 answered 404 before Gradio sees them, so the open /ui prefix does not open them."""
 """The web UI's page and Gradio's own routes: open, since the UI asks for the token and sends it
 with each call it makes to the API (see service/ui.py)."""
-ADMIN_PATHS = frozenset({"/adapters/reload"})
+ADMIN_PATHS = frozenset(
+    {
+        "/adapters/reload",
+        "/adapters/upload",
+        "/adapters/unload",
+        "/adapters/deny",
+        "/adapters/allow",
+    }
+)
+"""Routes that take the admin token (service.http_extras, service.admin_routes)."""
 
 
 def _matches(given: str, expected: str) -> bool:

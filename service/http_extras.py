@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 from starlette.applications import Starlette
@@ -10,30 +11,34 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.state import ServedSnapshot, ServerState
+from service.admin_routes import LOADING, admin_routes
+from service.state import ServerState
 
-LOADING = {"error": "models are still loading"}
+if TYPE_CHECKING:
+    from service.store_watcher import StoreWatcher
 
 
-def adapter_routes(state: ServerState, reload: Callable[[], ServedSnapshot]) -> Starlette:
-    """GET / lists what `state` serves; POST /reload (admin) calls `reload`, which re-reads the
-    store (new adapters, new versions) without a restart, and lists what it published."""
+def adapter_routes(state: ServerState, watcher: Callable[[], StoreWatcher]) -> Starlette:
+    """GET / lists what `state` serves; POST /reload (admin) re-reads the store through the
+    running instance's store watcher (new adapters, new versions, the deny list) without a
+    restart, and lists what it published; the admin routes of service.admin_routes."""
 
     async def adapters(request: Request) -> JSONResponse:
         snapshot = state.snapshot
         if not snapshot.loaded:
             return JSONResponse(LOADING, status_code=503)
-        return JSONResponse(snapshot.listing())
+        return JSONResponse(snapshot.listing(state.live.adapter_tiers))
 
     async def reload_adapters(request: Request) -> JSONResponse:
         if not state.snapshot.loaded:
             return JSONResponse(LOADING, status_code=503)
-        snapshot = await anyio.to_thread.run_sync(reload)
+        snapshot = await anyio.to_thread.run_sync(watcher().reload)
         return JSONResponse(snapshot.listing())
 
     return Starlette(
         routes=[
             Route("/", adapters, methods=["GET"]),
             Route("/reload", reload_adapters, methods=["POST"]),
+            *admin_routes(state, watcher),
         ]
     )

@@ -1,8 +1,9 @@
 """The order of the gates in front of the API, outermost first: answer 503 while draining, refuse
-pickle, repeated Content-Types and oversized bodies; answer CORS (when configured, so preflights
-need no token); check the bearer token; read the whole body within BENTOLORA_BODY_TIMEOUT_S (so a
-slow client holds no work slot); admit into the bounded queue; decode /score images in worker
-threads (so BentoML's validation, on the event loop, finds them decoded).
+pickle, repeated Content-Types and oversized bodies (an adapter upload's cap is the adapter
+size cap); answer CORS (when configured, so preflights need no token); check the bearer token;
+read the whole body within BENTOLORA_BODY_TIMEOUT_S (so a slow client holds no work slot); admit
+into the bounded queue; decode /score images in worker threads (so BentoML's validation, on the
+event loop, finds them decoded).
 
 BentoML's own gates are outside all of these: its HTTP metrics (labelled by route) and request
 timeout (both repaired in service.bentoml_fixes), and its concurrency cap."""
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from starlette.middleware.cors import CORSMiddleware
 
+from service.admin_routes import UPLOAD_PATH, upload_body_limit
 from service.admission import Admission, RequestLimits
 from service.auth import BearerAuth
 from service.drain import Drain
@@ -21,7 +23,12 @@ from service.state import ServerState
 
 
 def install_middleware(service, settings: Settings, state: ServerState, drain: Drain) -> None:
-    service.add_asgi_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, drain=drain)
+    service.add_asgi_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_body_bytes,
+        drain=drain,
+        path_limits={UPLOAD_PATH: upload_body_limit(settings)},
+    )
     if settings.allowed_origins():
         service.add_asgi_middleware(
             CORSMiddleware,

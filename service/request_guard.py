@@ -4,7 +4,8 @@
 503 at once; no pickle bodies (any path, any port this app serves); exactly one Content-Type,
 and JSON only on the API endpoints (BentoML picks its parser from the first Content-Type header:
 a second one must not pick another parser than the one checked here); no body over the size
-cap, counted as it streams in so a missing Content-Length does not help.
+cap (`max_body_bytes`, or a path's own in `path_limits`: an adapter upload's is the adapter size
+cap), counted as it streams in so a missing Content-Length does not help.
 
 `WholeBody`, the last gate before admission (after the token check): reads the whole body within
 `BENTOLORA_BODY_TIMEOUT_S`, so a client that sends part of a body and goes idle never holds a
@@ -14,6 +15,7 @@ work slot, and is answered 408 and cut off when its time is up.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,10 +26,21 @@ JSON_PATHS = frozenset({"/generate", "/score"})
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, drain: Drain | None = None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        drain: Drain | None = None,
+        path_limits: Mapping[str, int] | None = None,
+    ):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.drain = drain or Drain()
+        self.path_limits = dict(path_limits or {})
+
+    def limit(self, path: str) -> int:
+        """The body size cap of `path`."""
+        return self.path_limits.get(path.rstrip("/"), self.max_body_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -35,15 +48,18 @@ class RequestGuard:
         refusal = self.refusal(scope)
         if refusal is not None:
             return await refuse(scope, receive, send, *refusal)
+        limit = self.limit(scope["path"])
         length = _header(scope, b"content-length")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            return await self._too_large(scope, receive, send)
+        if length.isdigit() and int(length) > limit:
+            return await _too_large(scope, receive, send, limit)
 
-        counted_receive, tracked_send = self._capped(scope, receive, send)
+        counted_receive, tracked_send = self._capped(scope, receive, send, limit)
         with self.drain.tracking(scope["path"]):
             await self.app(scope, counted_receive, tracked_send)
 
-    def _capped(self, scope: Scope, receive: Receive, send: Send) -> tuple[Receive, Send]:
+    def _capped(
+        self, scope: Scope, receive: Receive, send: Send, limit: int
+    ) -> tuple[Receive, Send]:
         """`receive` counting the body as it streams in, and `send` that stays quiet once the body
         went over the cap and was answered 413."""
         seen = 0
@@ -58,10 +74,10 @@ class RequestGuard:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
+                if seen > limit:
                     refused = True
                     if not started:
-                        await self._too_large(scope, receive, send)
+                        await _too_large(scope, receive, send, limit)
                     return {"type": "http.disconnect"}
             return message
 
@@ -99,9 +115,6 @@ class RequestGuard:
         if scope["path"].rstrip("/") in JSON_PATHS and base_type not in ("", "application/json"):
             return 415, f"{base_type} bodies are refused; send application/json", {}
         return None
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await refuse(scope, receive, send, 413, f"request body is over {self.max_body_bytes} bytes")
 
 
 class WholeBody:
@@ -156,6 +169,10 @@ def replay_body(body: bytes, then: Receive) -> Receive:
         return await then()
 
     return receive
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    await refuse(scope, receive, send, 413, f"request body is over {limit} bytes")
 
 
 def _header(scope: Scope, name: bytes) -> str:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import bentoml
 
 from service import batcher, bentoml_fixes, metrics
+from service.adapter_policy import AdapterPolicy, deny_file
 from service.drain import Drain
 from service.http_extras import adapter_routes
 from service.middleware import install_middleware
 from service.schemas import GenerateResponse, ScoreResponse, bind_requests
 from service.settings import Settings
-from service.state import ServedSnapshot, ServerState
+from service.state import ServerState
 
 SETTINGS = Settings.from_env()
 STATE = ServerState(SETTINGS)
@@ -23,15 +24,18 @@ instance, so the holder is made here and passed to each; the instance's engine p
 GenerateRequest, ScoreRequest = bind_requests(STATE)
 DRAIN = Drain(limit_s=SETTINGS.request_timeout_s + 5)
 """Draining after SIGTERM (service.drain): the request guard answers 503 while it lasts."""
+POLICY = AdapterPolicy(deny_file())
+"""What an admin keeps out of serving (service.adapter_policy): the store's deny list, this
+process's unloads. Passed to the instance's store watcher, through which the admin routes act."""
 bentoml_fixes.apply()  # metrics labelled by route, request timers cancelled
 
 
-def reload_adapters() -> ServedSnapshot:
-    """POST /adapters/reload: the running instance's engine re-reads the store."""
-    return bentoml.get_current_service().engine.reload_adapters()
+def running_watcher():
+    """The running instance's store watcher (service.store_watcher), for the /adapters routes."""
+    return bentoml.get_current_service().watcher
 
 
-@bentoml.asgi_app(adapter_routes(STATE, reload_adapters), path="/adapters")
+@bentoml.asgi_app(adapter_routes(STATE, running_watcher), path="/adapters")
 @bentoml.service(
     name="bentolora",
     resources={"gpu": 1},
@@ -47,6 +51,7 @@ class SDXLLoRA:
     def __init__(self) -> None:
         from service.engine import Engine
         from service.memory import return_large_blocks_to_the_system
+        from service.store_watcher import StoreWatcher
 
         return_large_blocks_to_the_system()  # before the models: see service/memory.py
 
@@ -54,7 +59,15 @@ class SDXLLoRA:
         metrics.start_worker()
         self.engine = Engine(SETTINGS, STATE)
         self.batches = batcher.for_engine(self.engine, SETTINGS)
+        # Serves adapter versions saved after the start (BENTOLORA_ADAPTER_WATCH_S); applies the
+        # deny list before the first request
+        self.watcher = StoreWatcher(self.engine, POLICY, SETTINGS, stop_when=lambda: DRAIN.draining)
+        self.watcher.start()
         DRAIN.take_over_sigterm()
+
+    @bentoml.on_shutdown
+    def stop_watching(self) -> None:
+        self.watcher.stop()
 
     def __is_ready__(self) -> bool:
         return self.state.ready

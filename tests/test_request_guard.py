@@ -78,6 +78,22 @@ def test_two_content_types_are_refused_before_the_app():
     assert b"2 Content-Type headers" in sent[-1]["body"]
 
 
+def test_a_path_with_its_own_cap_takes_bodies_up_to_it_counted_as_they_stream():
+    guard = RequestGuard(Recorder(), 10, path_limits={"/adapters/upload": 100})
+    chunk = {"type": "http.request", "body": b"x" * 50, "more_body": True}
+    last = {"type": "http.request", "body": b"", "more_body": False}
+    for path, chunks, want in [
+        ("/adapters/upload", [chunk, last], 200),
+        ("/adapters/upload/", [chunk, chunk, chunk, last], 413),  # no Content-Length: counted
+        ("/generate", [chunk, last], 413),
+    ]:
+        sent = asyncio.run(call(guard, scope(path=path), chunks))
+        assert status(sent) == want, path
+    large = scope(path="/adapters/upload", headers=[("content-length", "101")])
+    sent = asyncio.run(call(guard, large, []))
+    assert status(sent) == 413 and b"request body is over 100 bytes" in sent[-1]["body"]
+
+
 def test_a_body_not_complete_in_time_is_answered_408_and_never_reaches_the_app():
     app = Recorder()
     head = scope(headers=[("content-length", "100")])

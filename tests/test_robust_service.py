@@ -124,6 +124,9 @@ def guarded(tiny_base, bad_adapters, tmp_path_factory):
         "BENTOLORA_MAX_BODY_BYTES": str(2 * 2**20),
         "BENTOLORA_MAX_PIXELS": str(64 * 64),
         "BENTOLORA_FAILPOINTS_FILE": str(faults),
+        # The admin reload test saves an adapter and expects it unserved until the reload: no
+        # store watcher (tests/test_live_adapters.py tests it).
+        "BENTOLORA_ADAPTER_WATCH_S": "0",
     }
     proc, url = start_server(env, tmp / "server.log")
     yield {"url": url, "faults": faults, "log": tmp / "server.log"}
