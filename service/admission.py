@@ -38,8 +38,10 @@ from service.state import LiveStatus
 
 log = logging.getLogger(__name__)
 
-QUEUED_PATHS = frozenset({"/generate", "/score"})
-WORK_PATHS = frozenset({"/generate"})
+IMAGE_MODE_PATHS = frozenset({"/img2img", "/inpaint"})
+"""Endpoints that denoise from a client's image (service.image_modes)."""
+QUEUED_PATHS = frozenset({"/generate", "/score"}) | IMAGE_MODE_PATHS
+WORK_PATHS = frozenset({"/generate"}) | IMAGE_MODE_PATHS
 """Endpoints whose work is counted (a /score is bounded by its images)."""
 WORK_UNIT_PIXELS = 1024 * 1024
 PARSE_IN_THREAD_BYTES = 1 << 20
@@ -96,11 +98,38 @@ def measure(path: str, body: bytes) -> Demand:
     images = work = 0
     for entry in entries:
         count = _field(entry, "num_images", 1, 1, 8)
-        steps = _field(entry, "steps", 30, 1, 150)
-        pixels = _field(entry, "width", 1024, 64, 4096) * _field(entry, "height", 1024, 64, 4096)
+        if path in IMAGE_MODE_PATHS:
+            steps, pixels = _image_mode_work(entry)
+        else:
+            steps = _field(entry, "steps", 30, 1, 150)
+            pixels = _field(entry, "width", 1024, 64, 4096) * _field(
+                entry, "height", 1024, 64, 4096
+            )
         images += count
         work += count * steps * pixels / WORK_UNIT_PIXELS
     return Demand(items=len(entries), images=images, work=work)
+
+
+def _image_mode_work(entry: Mapping) -> tuple[float, int]:
+    """Denoising steps and pixels of an /img2img or /inpaint entry: int(steps × strength) steps
+    (at least one: the VAE round trip of strength 0 costs about a step), of the init image's
+    size (read from its header; width and height, when sent, must equal it)."""
+    from service.images import ImageInputError, check
+    from service.schemas import DEFAULT_STRENGTH
+
+    steps = _field(entry, "steps", 30, 1, 150)
+    default = 1.0 if "mask" in entry else DEFAULT_STRENGTH
+    strength = entry.get("strength", default)
+    if not isinstance(strength, int | float) or not 0 <= strength <= 1:
+        strength = default  # validation answers it with 400
+    width, height = entry.get("width"), entry.get("height")
+    image = entry.get("image")
+    if not (isinstance(width, int) and isinstance(height, int)) and isinstance(image, str):
+        with contextlib.suppress(ImageInputError):
+            found = check(image, max_bytes=len(image), max_pixels=4096 * 4096)
+            width, height = found.width, found.height
+    pixels = _field({"w": width}, "w", 1024, 64, 4096) * _field({"h": height}, "h", 1024, 64, 4096)
+    return max(1, int(steps * strength)), pixels
 
 
 def over_cap(demand: Demand, limits: RequestLimits) -> str:

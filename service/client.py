@@ -149,6 +149,20 @@ def _encode(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+Size = tuple[int, int]
+"""[height, width] (SDXL micro-conditioning, as diffusers takes it)."""
+MODE_ONLY = ("self", "prompt", "image", "mask", "images", "adapters")
+
+
+def _mode_request(
+    prompt: str, images: Mapping[str, Image.Image], adapters: Adapters | None, fields: dict
+) -> dict:
+    """The body of one /img2img or /inpaint request: `images` (field: image) as base64 PNG."""
+    body = _request(prompt, adapters, {k: v for k, v in fields.items() if k not in MODE_ONLY})
+    body["requests"][0] |= {name: _encode(image) for name, image in images.items()}
+    return body
+
+
 def _score_request(images: Sequence[Image.Image], texts: Sequence[str]) -> dict:
     return {"requests": [{"images": [_encode(i) for i in images], "texts": list(texts)}]}
 
@@ -240,6 +254,66 @@ class Client:
     def score(self, images: Sequence[Image.Image], texts: Sequence[str] = ()) -> Scores:
         return _scores(self._post("/score", _score_request(images, texts)))
 
+    def img2img(
+        self,
+        prompt: str,
+        image: Image.Image,
+        *,
+        strength: float | None = None,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int | None = None,
+        scheduler: SchedulerName | None = None,
+        adapters: Adapters | None = None,
+        output_format: OutputFormat | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+    ) -> list[Generated]:
+        """`image` redrawn after `prompt` (POST /img2img): `strength` 0 keeps it (through the
+        VAE), 1 redraws all. Its sides must be multiples of 8; the output has its size. The
+        other fields as generate's; the size and crop fields are SDXL's micro-conditioning."""
+        body = _mode_request(prompt, {"image": image}, adapters, dict(locals()))
+        return _images(self._post("/img2img", body))
+
+    def inpaint(
+        self,
+        prompt: str,
+        image: Image.Image,
+        mask: Image.Image,
+        *,
+        strength: float | None = None,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int | None = None,
+        scheduler: SchedulerName | None = None,
+        adapters: Adapters | None = None,
+        output_format: OutputFormat | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+    ) -> list[Generated]:
+        """`image` redrawn where `mask` (the same size) is white, kept where it is black (POST
+        /inpaint); the other fields as img2img's (strength defaults to 1 here)."""
+        images = {"image": image, "mask": mask}
+        return _images(
+            self._post("/inpaint", _mode_request(prompt, images, adapters, dict(locals())))
+        )
+
     def adapters(self) -> list[dict[str, Any]]:
         """The adapters the server serves, with their metadata (GET /adapters/)."""
         response = self._http.request("GET", "/adapters/")
@@ -326,6 +400,66 @@ class AsyncClient:
 
     async def score(self, images: Sequence[Image.Image], texts: Sequence[str] = ()) -> Scores:
         return _scores(await self._post("/score", _score_request(images, texts)))
+
+    async def img2img(
+        self,
+        prompt: str,
+        image: Image.Image,
+        *,
+        strength: float | None = None,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int | None = None,
+        scheduler: SchedulerName | None = None,
+        adapters: Adapters | None = None,
+        output_format: OutputFormat | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+    ) -> list[Generated]:
+        """`image` redrawn after `prompt` (POST /img2img): `strength` 0 keeps it (through the
+        VAE), 1 redraws all. Its sides must be multiples of 8; the output has its size. The
+        other fields as generate's; the size and crop fields are SDXL's micro-conditioning."""
+        body = _mode_request(prompt, {"image": image}, adapters, dict(locals()))
+        return _images(await self._post("/img2img", body))
+
+    async def inpaint(
+        self,
+        prompt: str,
+        image: Image.Image,
+        mask: Image.Image,
+        *,
+        strength: float | None = None,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int | None = None,
+        scheduler: SchedulerName | None = None,
+        adapters: Adapters | None = None,
+        output_format: OutputFormat | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+    ) -> list[Generated]:
+        """`image` redrawn where `mask` (the same size) is white, kept where it is black (POST
+        /inpaint); the other fields as img2img's (strength defaults to 1 here)."""
+        images = {"image": image, "mask": mask}
+        return _images(
+            await self._post("/inpaint", _mode_request(prompt, images, adapters, dict(locals())))
+        )
 
     async def adapters(self) -> list[dict[str, Any]]:
         """The adapters the server serves, with their metadata (GET /adapters/)."""

@@ -1,4 +1,5 @@
-"""Decoding /score images off the event loop, before BentoML validates the request.
+"""Decoding /score, /img2img and /inpaint images off the event loop, before BentoML validates
+the request.
 
 BentoML parses and validates a request on the server's event loop, and the /score request model
 decodes its images while it validates (service/schemas.py): one request with 16 images of 4096²
@@ -21,10 +22,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service import images
 from service.request_guard import replay_body
 
-PATHS = frozenset({"/score"})
+PATHS = frozenset({"/score", "/img2img", "/inpaint"})
 MAX_IMAGES_PER_REQUEST = 16
 """ScoreRequest's limit: a request with more is refused by validation before any decoding, so
 its images are not decoded in advance either."""
+IMAGE_FIELDS = ("image", "mask")
+"""Fields of /img2img and /inpaint entries holding one base64 image each."""
 DECODE_THREADS = 2
 """Worker threads decoding at once, across requests (not the threads health checks use)."""
 
@@ -104,7 +107,11 @@ def image_texts(body: bytes) -> list[str]:
     requests = parsed.get("requests") if isinstance(parsed, dict) else None
     texts = []
     for request in requests if isinstance(requests, list) else []:
-        found = request.get("images") if isinstance(request, dict) else None
+        if not isinstance(request, dict):
+            continue
+        found = request.get("images")
         if isinstance(found, list) and 0 < len(found) <= MAX_IMAGES_PER_REQUEST:
             texts.extend(text for text in found if isinstance(text, str))
+        # /img2img and /inpaint (service.image_modes): one init image, and a mask
+        texts.extend(request[k] for k in IMAGE_FIELDS if isinstance(request.get(k), str))
     return texts

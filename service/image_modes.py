@@ -1,0 +1,351 @@
+"""Image-to-image and inpainting: /img2img and /inpaint on the served base's own components.
+
+diffusers' `StableDiffusionXLImg2ImgPipeline` and `StableDiffusionXLInpaintPipeline` are made
+once with `from_pipe(engine.pipe)`: they hold the same UNet, text encoders and VAE objects, so
+the adapters the engine's adapter cache merges (or keeps as PEFT layers) are in them too, and no
+weight is copied. Each call runs under the engine's pipeline lock.
+
+Requests are grouped as /generate's are (size, steps, guidance, scheduler, negative prompt or
+not), and further by what these pipelines take as one value for a call (strength, the SDXL
+micro-conditioning) and by adapter set (each call has one set merged): a group runs in pipeline
+calls of at most BENTOLORA_MAX_BATCH_IMAGES images, each image with its own generator (the
+request's seed + its index), so an image does not depend on what it was batched with.
+
+Strength: diffusers runs int(steps × strength) denoising steps, and refuses a call where that
+is 0 (img2img fails in the UNet, inpainting raises). Here such a request (strength 0, or too
+small for one step) runs no step: its answer is the VAE round trip of its image, the latents
+diffusers would start from (sampled from the VAE posterior with the image's generator) decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from bentoml.exceptions import ServiceUnavailable
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    retrieve_latents,
+)
+
+from models import failpoints
+from service import metrics
+from service.batcher import Batcher
+from service.encoder import Encoded
+from service.schedulers import make_scheduler
+from service.schemas import (
+    MAX_SEED,
+    GeneratedImage,
+    GenerateResponse,
+    Img2ImgRequest,
+    InpaintRequest,
+)
+
+log = logging.getLogger(__name__)
+
+PIPELINES = {
+    "img2img": StableDiffusionXLImg2ImgPipeline,
+    "inpaint": StableDiffusionXLInpaintPipeline,
+}
+StepCallback = Callable[[Any, int, Any, dict], dict]
+
+
+def steps_run(request: Img2ImgRequest) -> int:
+    """The denoising steps diffusers runs for `request` (0: none, the VAE round trip)."""
+    return min(int(request.steps * request.strength), request.steps)
+
+
+def mode_key(request: Img2ImgRequest, adapters: tuple) -> tuple:
+    """What the requests of one pipeline call must share."""
+    return (
+        request.width,
+        request.height,
+        request.steps,
+        request.guidance,
+        request.scheduler,
+        bool(request.negative_prompt),
+        request.strength,
+        tuple(sorted(request.micro_conditioning().items())),
+        adapters,
+    )
+
+
+class ImageModes:
+    """The img2img and inpainting pipelines of one engine (made on first use)."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self._pipes: dict[str, Any] = {}
+
+    def pipe(self, mode: str) -> Any:
+        if mode not in self._pipes:
+            made = PIPELINES[mode].from_pipe(self.engine.pipe)
+            made.set_progress_bar_config(disable=True)
+            self._pipes[mode] = made
+        return self._pipes[mode]
+
+    def run(
+        self,
+        mode: str,
+        requests: Sequence[Img2ImgRequest],
+        on_step: StepCallback | None = None,
+    ) -> list[GenerateResponse]:
+        """The responses to `requests` (all of `mode`), in order. `on_step`, when given, is
+        called after each denoising step as diffusers' `callback_on_step_end` (long jobs count
+        and cancel with it)."""
+        from service.engine import still_wanted, within_deadline
+
+        if not requests:
+            return []
+        engine = self.engine
+        snapshot = engine.state.snapshot
+        choices = [engine._choices(request, snapshot) for request in requests]
+        engine._check_still_stored(choices)
+        seeds = [r.seed if r.seed is not None else secrets.randbelow(MAX_SEED) for r in requests]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            groups[mode_key(request, _key(choices[index]))].append(index)
+        results: list[list[Pending]] = [[] for _ in requests]
+        started = time.perf_counter()
+        step = engine.settings.max_batch_images
+        for indices in groups.values():
+            jobs = [(i, k) for i in indices for k in range(requests[i].num_images)]
+            for at in range(0, len(jobs), step):
+                chunk = still_wanted(
+                    requests,
+                    within_deadline(
+                        requests, jobs[at : at + step], engine.settings.request_timeout_s
+                    ),
+                )
+                if not chunk:
+                    continue
+                call = Call(mode, requests, seeds, chunk, choices[chunk[0][0]], len(requests))
+                for (i, _), image in zip(chunk, self._fitting(call, on_step), strict=True):
+                    results[i].append(image)
+        responses = [GenerateResponse(images=[p.finish() for p in images]) for images in results]
+        engine.live.record_batch(f"/{mode}", time.perf_counter() - started, len(requests))
+        return responses
+
+    def _fitting(self, call: Call, on_step: StepCallback | None) -> list[Pending]:
+        """`_call`, halving the images when the device runs out of memory (as /generate)."""
+        from service.engine import free_device_memory
+
+        try:
+            return self._call(call, on_step)
+        except torch.OutOfMemoryError:
+            metrics.oom()
+            free_device_memory(self.engine.device)
+            if len(call.chunk) == 1:
+                raise ServiceUnavailable(
+                    self.engine.live.mark_unavailable(
+                        f"out of GPU memory for one {call.first.width}x{call.first.height} "
+                        "image; try fewer pixels or retry when the server is less busy"
+                    )
+                ) from None
+            half = len(call.chunk) // 2
+            return self._fitting(call.part(0, half), on_step) + self._fitting(
+                call.part(half, None), on_step
+            )
+
+    def _call(self, call: Call, on_step: StepCallback | None) -> list[Pending]:
+        engine = self.engine
+        pipe = self.pipe(call.mode)
+        with engine._lock:
+            started = time.perf_counter()
+            engine.adapters.activate(call.adapters)
+            switch = engine.adapters.last_switch_s
+            pipe.scheduler = make_scheduler(call.first.scheduler, engine.scheduler_config)
+            failpoints.hit("pipeline", size=len(call.chunk))
+            generators = [torch.Generator("cpu").manual_seed(s) for s in call.image_seeds]
+            try:
+                if steps_run(call.first) == 0:
+                    images = vae_round_trip(pipe, call.inputs("_image"), generators)
+                else:
+                    images = pipe(
+                        **call.arguments(),
+                        generator=generators,
+                        callback_on_step_end=_progress(engine, on_step),
+                    ).images
+            finally:
+                engine.live.progress = (0, 0)
+            compute = time.perf_counter() - started
+        metrics.images(len(call.chunk))
+        timings = {
+            "pipeline_s": round(compute, 4),
+            "adapter_switch_s": round(switch, 4),
+            "batch_images": len(call.chunk),
+            "batch_requests": call.batch_requests,
+            "steps_run": steps_run(call.first),
+        }
+        used = [adapter_used(e, s) for e, s in call.adapters]
+        return [
+            Pending(
+                request=call.requests[i],
+                mode=call.mode,
+                seed=seed,
+                adapters=used,
+                base=engine.base.tag,
+                encoded=engine.encoder.submit(image, call.requests[i].output_format),
+                timings=timings,
+            )
+            for (i, _), image, seed in zip(call.chunk, images, call.image_seeds, strict=True)
+        ]
+
+
+def adapter_used(entry: Any, scale: float) -> Any:
+    from service.engine import adapter_used as used
+
+    return used(entry, scale)
+
+
+def _key(adapter_set: tuple) -> tuple:
+    return tuple((entry.tag, scale) for entry, scale in adapter_set)
+
+
+def _progress(engine: Any, on_step: StepCallback | None) -> StepCallback:
+    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+        engine.live.progress = (step + 1, pipe.num_timesteps)
+        return on_step(pipe, step, timestep, kwargs) if on_step is not None else kwargs
+
+    return callback
+
+
+@dataclass(frozen=True)
+class Call:
+    """One pipeline call: the images `chunk` ((request index, image index) pairs) of
+    `requests`, which share everything `mode_key` names."""
+
+    mode: str
+    requests: Sequence[Img2ImgRequest]
+    seeds: Sequence[int]
+    chunk: list[tuple[int, int]]
+    adapters: tuple
+    batch_requests: int
+
+    @property
+    def first(self) -> Img2ImgRequest:
+        return self.requests[self.chunk[0][0]]
+
+    @property
+    def image_seeds(self) -> list[int]:
+        return [(self.seeds[i] + k) % (MAX_SEED + 1) for i, k in self.chunk]
+
+    def part(self, start: int, stop: int | None) -> Call:
+        return Call(
+            self.mode,
+            self.requests,
+            self.seeds,
+            self.chunk[start:stop],
+            self.adapters,
+            self.batch_requests,
+        )
+
+    def inputs(self, attribute: str) -> list:
+        return [getattr(self.requests[i], attribute) for i, _ in self.chunk]
+
+    def arguments(self) -> dict[str, Any]:
+        first = self.first
+        arguments: dict[str, Any] = {
+            "prompt": self.inputs("prompt"),
+            "negative_prompt": self.inputs("negative_prompt") if first.negative_prompt else None,
+            "image": self.inputs("_image"),
+            "strength": first.strength,
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.guidance,
+            **first.micro_conditioning(),
+        }
+        if self.mode == "inpaint":
+            arguments |= {
+                "mask_image": self.inputs("_mask"),
+                "width": first.width,
+                "height": first.height,
+            }
+        return arguments
+
+
+@torch.no_grad()
+def vae_round_trip(pipe: Any, images: list, generators: list[torch.Generator]) -> list:
+    """`images` through the VAE: encoded, a latent sampled from the posterior with each image's
+    generator (as diffusers' img2img and inpainting pipelines sample their starting latents),
+    decoded. What a request that runs no denoising step gets."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    dtype = torch.float32 if upcast else vae.dtype
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        pixels = pipe.image_processor.preprocess(images).to(vae.device, dtype)
+        latents = torch.cat(
+            [
+                retrieve_latents(vae.encode(pixels[i : i + 1]), generator=g)
+                for i, g in enumerate(generators)
+            ]
+        )
+        decoded = vae.decode(latents).sample
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    return pipe.image_processor.postprocess(decoded, output_type="pil")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An image made and being encoded (see service.encoder)."""
+
+    request: Img2ImgRequest
+    mode: str
+    seed: int
+    adapters: list
+    base: str
+    encoded: Encoded
+    timings: dict
+
+    def finish(self) -> GeneratedImage:
+        data, encode_s = self.encoded.result()
+        settings = self.request.model_dump(exclude={"adapters", "image", "mask"}) | {
+            "seed": self.seed,
+            "base": self.base,
+            "mode": self.mode,
+        }
+        return GeneratedImage(
+            image=data,
+            format=self.request.output_format,
+            seed=self.seed,
+            adapters=self.adapters,
+            settings=settings,
+            timings=self.timings | {"encode_s": round(encode_s, 4)},
+        )
+
+
+@dataclass(frozen=True)
+class ModeBatchers:
+    img2img: Batcher
+    inpaint: Batcher
+
+
+def batchers(engine: Any, settings: Any) -> ModeBatchers:
+    """The /img2img and /inpaint batchers, as service.batcher.for_engine makes /generate's: a
+    window of BENTOLORA_BATCH_WINDOW_MS, whole requests up to BENTOLORA_MAX_REQUEST_IMAGES images,
+    adapters loaded beside the running batch."""
+
+    def batcher(mode: str) -> Batcher:
+        return Batcher(
+            f"/{mode}",
+            getattr(engine, mode),
+            lambda request: request.num_images,
+            max_images=max(settings.max_request_images, settings.max_batch_images),
+            window_s=settings.batch_window_ms / 1000,
+            is_ready=engine.adapters_resident,
+            prepare=engine.load_adapters,
+        )
+
+    return ModeBatchers(img2img=batcher("img2img"), inpaint=batcher("inpaint"))
+
+
+__all__ = ["ImageModes", "InpaintRequest", "ModeBatchers", "batchers", "steps_run"]
