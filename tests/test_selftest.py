@@ -27,10 +27,10 @@ from train.selftest import (
     _image,
     _memory,
     _trial_error,
+    check_dataset,
     check_devices,
     check_disk,
     check_libraries,
-    run_selftest,
 )
 
 TRIAL = ("disk", "training steps", "GPU memory", "render")
@@ -94,6 +94,16 @@ def test_a_healthy_setup_passes_every_check(tiny_base, tmp_path, capsys):
     assert any((tmp_path / "cache").iterdir())  # and filled the cache the real run reuses
 
 
+@pytest.mark.slow
+def test_missing_held_out_images_fail_but_the_trial_still_runs(tiny_base, tmp_path, capsys):
+    data = write_sample_dataset(tmp_path / "wounds", count=8, size=64)
+    args = options(data, tmp_path, "--validation-split", "0", "--gate-min-ssim", "0.75")
+    code, found, out, _ = selftest(capsys, *args)
+    assert code == 1 and found["dataset: held out"][0] == FAIL
+    assert found["training steps"][0] == PASS and found["render"][0] == PASS
+    assert out.rstrip().endswith("selftest: FAILED (dataset: held out)")
+
+
 def broken_dataset(tmp_path: Path) -> Path:
     data = write_sample_dataset(tmp_path / "wounds", count=8, size=64)
     truncated = (data / "0001.png").read_bytes()
@@ -133,9 +143,9 @@ def test_each_dataset_problem_fails_with_its_fix(tiny_base, tmp_path, capsys):
 
 
 def test_gate_thresholds_without_held_out_images_fail(tiny_base, sample_dir, tmp_path):
-    config = TrainConfig(base="sdxl-tiny", data_dir=str(sample_dir), name="n", gate_min_ssim=0.75)
-    checks = {c.name: c for c in run_selftest(config, probe=CpuProbe())}
-    held = checks["dataset: held out"]
+    config = TrainConfig(data_dir=str(sample_dir), name="n", resolution=64, gate_min_ssim=0.75)
+    _, found = check_dataset(config)
+    held = {c.name: c for c in found}["dataset: held out"]
     assert held.status == FAIL and "gate_min_ssim set, but 0 images are held out" in held.detail
     assert "set validation_split" in held.fix
 
