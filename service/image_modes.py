@@ -29,7 +29,11 @@ from typing import Any
 
 import torch
 from bentoml.exceptions import ServiceUnavailable
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+from diffusers import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
     retrieve_latents,
 )
@@ -50,18 +54,33 @@ from service.schemas import (
 log = logging.getLogger(__name__)
 
 PIPELINES = {
+    "generate": StableDiffusionXLPipeline,
     "img2img": StableDiffusionXLImg2ImgPipeline,
     "inpaint": StableDiffusionXLInpaintPipeline,
 }
 StepCallback = Callable[[Any, int, Any, dict], dict]
+ImagesCallback = Callable[[int], None]
 
 
-def steps_run(request: Img2ImgRequest) -> int:
-    """The denoising steps diffusers runs for `request` (0: none, the VAE round trip)."""
-    return min(int(request.steps * request.strength), request.steps)
+class ClientsGone(Exception):
+    """Every client of a pipeline call has disconnected: the call stops at its next step."""
 
 
-def mode_key(request: Img2ImgRequest, adapters: tuple) -> tuple:
+def steps_run(request: Any) -> int:
+    """The denoising steps diffusers runs for `request` (0: none, the VAE round trip); all of
+    them for a text-to-image request (no strength)."""
+    strength = getattr(request, "strength", 1.0)
+    return min(int(request.steps * strength), request.steps)
+
+
+def micro_conditioning(request: Any) -> dict:
+    """`request`'s SDXL micro-conditioning, as the pipeline's keyword arguments (none for a
+    plain GenerateRequest)."""
+    fields = getattr(request, "micro_conditioning", None)
+    return fields() if fields is not None else {}
+
+
+def mode_key(request: Any, adapters: tuple) -> tuple:
     """What the requests of one pipeline call must share."""
     return (
         request.width,
@@ -70,14 +89,15 @@ def mode_key(request: Img2ImgRequest, adapters: tuple) -> tuple:
         request.guidance,
         request.scheduler,
         bool(request.negative_prompt),
-        request.strength,
-        tuple(sorted(request.micro_conditioning().items())),
+        getattr(request, "strength", None),
+        tuple(sorted(micro_conditioning(request).items())),
         adapters,
     )
 
 
 class ImageModes:
-    """The img2img and inpainting pipelines of one engine (made on first use)."""
+    """The text-to-image (for long jobs: service.jobs), img2img and inpainting pipelines of one
+    engine, each made on first use."""
 
     def __init__(self, engine: Any):
         self.engine = engine
@@ -93,12 +113,14 @@ class ImageModes:
     def run(
         self,
         mode: str,
-        requests: Sequence[Img2ImgRequest],
+        requests: Sequence[Any],
         on_step: StepCallback | None = None,
+        on_images: ImagesCallback | None = None,
     ) -> list[GenerateResponse]:
         """The responses to `requests` (all of `mode`), in order. `on_step`, when given, is
-        called after each denoising step as diffusers' `callback_on_step_end` (long jobs count
-        and cancel with it)."""
+        called after each denoising step as diffusers' `callback_on_step_end`, and `on_images`
+        with the number of images each call made (long jobs count and cancel with them). A
+        request whose client has gone gets no images."""
         from service.engine import still_wanted, within_deadline
 
         if not requests:
@@ -126,8 +148,15 @@ class ImageModes:
                 if not chunk:
                     continue
                 call = Call(mode, requests, seeds, chunk, choices[chunk[0][0]], len(requests))
-                for (i, _), image in zip(chunk, self._fitting(call, on_step), strict=True):
+                try:
+                    made = self._fitting(call, on_step)
+                except ClientsGone:
+                    log.info("%s: every client of a call left; it stopped at a step", mode)
+                    continue
+                for (i, _), image in zip(chunk, made, strict=True):
                     results[i].append(image)
+                if on_images is not None:
+                    on_images(len(made))
         responses = [GenerateResponse(images=[p.finish() for p in images]) for images in results]
         engine.live.record_batch(f"/{mode}", time.perf_counter() - started, len(requests))
         return responses
@@ -170,7 +199,7 @@ class ImageModes:
                     images = pipe(
                         **call.arguments(),
                         generator=generators,
-                        callback_on_step_end=_progress(engine, on_step),
+                        callback_on_step_end=_progress(engine, call, on_step),
                     ).images
             finally:
                 engine.live.progress = (0, 0)
@@ -208,9 +237,14 @@ def _key(adapter_set: tuple) -> tuple:
     return tuple((entry.tag, scale) for entry, scale in adapter_set)
 
 
-def _progress(engine: Any, on_step: StepCallback | None) -> StepCallback:
+def _progress(engine: Any, call: Call, on_step: StepCallback | None) -> StepCallback:
+    """After each step: the live progress; `on_step`; the call stopped (ClientsGone, raised
+    out of the pipeline: no further step, no decode) once all its clients have gone."""
+
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
         engine.live.progress = (step + 1, pipe.num_timesteps)
+        if all(getattr(r, "client_gone", False) for r in call.inputs_of_requests()):
+            raise ClientsGone
         return on_step(pipe, step, timestep, kwargs) if on_step is not None else kwargs
 
     return callback
@@ -249,23 +283,24 @@ class Call:
     def inputs(self, attribute: str) -> list:
         return [getattr(self.requests[i], attribute) for i, _ in self.chunk]
 
+    def inputs_of_requests(self) -> list:
+        return [self.requests[i] for i in dict.fromkeys(i for i, _ in self.chunk)]
+
     def arguments(self) -> dict[str, Any]:
         first = self.first
         arguments: dict[str, Any] = {
             "prompt": self.inputs("prompt"),
             "negative_prompt": self.inputs("negative_prompt") if first.negative_prompt else None,
-            "image": self.inputs("_image"),
-            "strength": first.strength,
             "num_inference_steps": first.steps,
             "guidance_scale": first.guidance,
-            **first.micro_conditioning(),
+            **micro_conditioning(first),
         }
+        if self.mode != "generate":
+            arguments |= {"image": self.inputs("_image"), "strength": first.strength}
+        if self.mode != "img2img":  # img2img takes the image's size
+            arguments |= {"width": first.width, "height": first.height}
         if self.mode == "inpaint":
-            arguments |= {
-                "mask_image": self.inputs("_mask"),
-                "width": first.width,
-                "height": first.height,
-            }
+            arguments["mask_image"] = self.inputs("_mask")
         return arguments
 
 

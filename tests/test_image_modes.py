@@ -109,7 +109,7 @@ def served(engine: Engine, mode: str, requests: list) -> list[np.ndarray]:
 
 
 def img2img(prompt: str, image: Image.Image, **fields) -> Img2ImgRequest:
-    return Img2ImgRequest(prompt=prompt, image=b64(image), **SMALL, **fields)
+    return Img2ImgRequest(prompt=prompt, image=b64(image), **(SMALL | fields))
 
 
 def inpaint(prompt: str, image: Image.Image, mask: Image.Image, **fields) -> InpaintRequest:
@@ -325,3 +325,25 @@ def test_admission_counts_the_steps_run_on_the_init_images_pixels():
     ).work == pytest.approx(10 * unit)
     broken = {"prompt": "x", "image": "not base64", "steps": 10, "strength": "lots"}
     assert measure("/img2img", json.dumps({"requests": [broken]}).encode()).work == 8.0
+
+
+def test_a_call_whose_clients_all_left_stops_at_the_next_step(engine):
+    """A synchronous request whose client disconnects (service.batcher sets its `_gone`) stops
+    costing GPU time at the next denoising step: the call raises out of the pipeline there."""
+    import threading
+
+    request = img2img("a lake", picture(10), seed=1, strength=1.0, steps=40)
+    gone = threading.Event()
+    request._gone = gone
+    steps = []
+
+    def on_step(pipe, step, timestep, kwargs):
+        steps.append(step)
+        if len(steps) == 3:
+            gone.set()
+        return kwargs
+
+    [response] = engine.image_modes.run("img2img", [request], on_step=on_step)
+    assert response.images == [] and steps == [0, 1, 2]  # step 3 ran, then the call stopped
+    assert engine._lock.acquire(timeout=1)
+    engine._lock.release()
