@@ -172,12 +172,25 @@ def _scores(response: list[Mapping[str, Any]]) -> Scores:
     return Scores(result["clip_scores"], result["image_similarity"])
 
 
+def _job_body(requests: Sequence[Mapping[str, Any]], deadline_s: float | None) -> dict:
+    body: dict[str, Any] = {"requests": [dict(r) for r in requests]}
+    if deadline_s is not None:
+        body["deadline_s"] = deadline_s
+    return body
+
+
+def _job_images(response: list[Mapping[str, Any]]) -> list[list[Generated]]:
+    """A job's result: per request, its images."""
+    return [_images([one]) for one in response]
+
+
 def _log_retry(path: str, status: int, delay: float, attempt: int, retries: int) -> None:
     log.info("%s answered %d; retry %d of %d in %.1f s", path, status, attempt + 1, retries, delay)
 
 
 class Client:
-    """Blocking client: `generate`, `score`, `adapters`, `is_ready`.
+    """Blocking client: `generate`, `img2img`, `inpaint`, `score`, long jobs (`submit_job`,
+    `job_progress`, `cancel_job`, `wait_job`), `adapters`, `is_ready`.
 
     `token`: the server's bearer token (BENTOLORA_TOKEN there). `retries`, `backoff_s` and
     `max_retry_wait_s` bound the retries of 429 and 503 (see RetryPolicy). Constructing waits up
@@ -313,6 +326,41 @@ class Client:
         return _images(
             self._post("/inpaint", _mode_request(prompt, images, adapters, dict(locals())))
         )
+
+    def _get(self, path: str) -> Any:
+        response = self._http.request("GET", path)
+        if response.is_error:
+            raise _error(response)
+        return response.json()
+
+    def submit_job(
+        self, requests: Sequence[Mapping[str, Any]], *, deadline_s: float | None = None
+    ) -> str:
+        """Start a long job (POST /job/submit): `requests` as /generate takes them (dicts of
+        its fields); its task id. Progress: `job_progress`; result: `wait_job`."""
+        return (self._post("/job/submit", _job_body(requests, deadline_s)))["task_id"]
+
+    def job_progress(self, task_id: str) -> dict[str, Any]:
+        """GET /jobs/{task_id}: state (queued, running, done, cancelled, expired, failed),
+        images and denoising steps done."""
+        return self._get(f"/jobs/{task_id}")
+
+    def cancel_job(self, task_id: str) -> dict[str, Any]:
+        """Stop the job within one denoising step; its progress when the cancel came."""
+        return self._post(f"/jobs/{task_id}/cancel", {})
+
+    def wait_job(
+        self, task_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None
+    ) -> list[list[Generated]]:
+        """The job's images, per request, once it is done; BentoMLException if it was
+        cancelled, expired or failed (with the server's reason), or TimeoutError."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        status = f"/job/status?task_id={task_id}"
+        while (state := (self._get(status))["status"]) == "in_progress":
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError(f"job {task_id} still {state} after {timeout_s} s")
+            time.sleep(poll_s)
+        return _job_images(self._get(f"/job/get?task_id={task_id}"))
 
     def adapters(self) -> list[dict[str, Any]]:
         """The adapters the server serves, with their metadata (GET /adapters/)."""
@@ -460,6 +508,41 @@ class AsyncClient:
         return _images(
             await self._post("/inpaint", _mode_request(prompt, images, adapters, dict(locals())))
         )
+
+    async def _get(self, path: str) -> Any:
+        response = await self._http.request("GET", path)
+        if response.is_error:
+            raise _error(response)
+        return response.json()
+
+    async def submit_job(
+        self, requests: Sequence[Mapping[str, Any]], *, deadline_s: float | None = None
+    ) -> str:
+        """Start a long job (POST /job/submit): `requests` as /generate takes them (dicts of
+        its fields); its task id. Progress: `job_progress`; result: `wait_job`."""
+        return (await self._post("/job/submit", _job_body(requests, deadline_s)))["task_id"]
+
+    async def job_progress(self, task_id: str) -> dict[str, Any]:
+        """GET /jobs/{task_id}: state (queued, running, done, cancelled, expired, failed),
+        images and denoising steps done."""
+        return await self._get(f"/jobs/{task_id}")
+
+    async def cancel_job(self, task_id: str) -> dict[str, Any]:
+        """Stop the job within one denoising step; its progress when the cancel came."""
+        return await self._post(f"/jobs/{task_id}/cancel", {})
+
+    async def wait_job(
+        self, task_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None
+    ) -> list[list[Generated]]:
+        """The job's images, per request, once it is done; BentoMLException if it was
+        cancelled, expired or failed (with the server's reason), or TimeoutError."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        status = f"/job/status?task_id={task_id}"
+        while (state := (await self._get(status))["status"]) == "in_progress":
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError(f"job {task_id} still {state} after {timeout_s} s")
+            await asyncio.sleep(poll_s)
+        return _job_images(await self._get(f"/job/get?task_id={task_id}"))
 
     async def adapters(self) -> list[dict[str, Any]]:
         """The adapters the server serves, with their metadata (GET /adapters/)."""

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.drain import Drain
 
-JSON_PATHS = frozenset({"/generate", "/score"})
+JSON_PATHS = frozenset({"/generate", "/score", "/img2img", "/inpaint", "/job/submit"})
 
 
 class RequestGuard:

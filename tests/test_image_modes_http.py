@@ -110,3 +110,15 @@ def test_bad_input_is_a_400_naming_the_field(server):
         body = err.value.read().decode()
         assert err.value.code == 400, (path, fields.keys(), err.value.code, body)
         assert message in body, (message, body)
+
+
+def test_the_new_endpoints_take_json_only(server):
+    for path in ("/img2img", "/inpaint", "/job/submit"):
+        request = urllib.request.Request(
+            server + path,
+            data=b"--x--",
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=60)
+        assert err.value.code == 415, path

@@ -109,3 +109,27 @@ def test_an_oversized_job_is_refused_400(engine):  # noqa: F811
         run_job(board, engine, "t5", requests)
     assert err.value.error_code == HTTPStatus.BAD_REQUEST and "at most 3 images" in str(err.value)
     assert board.get("t5") is None
+
+
+def test_submits_past_the_job_bound_are_refused_429_and_bentomls_cancel_stops_the_work():
+    from starlette.testclient import TestClient
+
+    from service.jobs import JobGate
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((scope["method"], scope["path"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    board = JobBoard()
+    http = TestClient(JobGate(app, board=board, max_jobs=1))
+    assert http.post("/job/submit", json={"requests": []}).status_code == 200
+    board._add(Job("running", images_total=1, state="running"))
+    refused = http.post("/job/submit", json={"requests": []})
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "10"
+    assert http.put("/job/cancel?task_id=running").status_code == 200  # BentoML answers
+    assert board.get("running").cancelled.is_set()
+    assert http.post("/job", json={}).status_code == 404
+    assert seen == [("POST", "/job/submit"), ("PUT", "/job/cancel")]

@@ -102,3 +102,34 @@ def test_unknown_jobs_and_the_plain_job_route_are_refused(server):
     with pytest.raises(urllib.error.HTTPError) as err:
         call(server, "POST", "/job", {"requests": []})
     assert err.value.code == 404 and "/job/submit" in err.value.read().decode()
+
+
+def test_the_clients_submit_follow_cancel_and_collect_jobs(server):
+    import asyncio
+
+    from bentoml.exceptions import BentoMLException
+
+    from service.client import AsyncClient, Client
+
+    requests = [{"prompt": "a cat", "seed": 2, "steps": 3, "num_images": 2, **SMALL}]
+    with Client(server, timeout=120) as client:
+        task_id = client.submit_job(requests, deadline_s=600)
+        [images] = client.wait_job(task_id, poll_s=0.05, timeout_s=120)
+        assert [g.seed for g in images] == [2, 3] and images[0].image.size == (64, 64)
+        assert client.job_progress(task_id)["state"] == "done"
+        [want] = client.generate("a cat", seed=2, steps=3, num_images=2, **SMALL)[:1]
+        assert np.abs(pixels(images[0].image) - pixels(want.image)).max() <= TOLERANCE
+
+    async def cancelled():
+        async with AsyncClient(server, timeout=120) as client:
+            many = [{"prompt": "x", "seed": 1, "steps": 40, "num_images": 8, **SMALL}] * 2
+            task_id = await client.submit_job(many)
+            while (await client.job_progress(task_id))["steps_done"] < 2:
+                await asyncio.sleep(0.01)
+            await client.cancel_job(task_id)
+            with pytest.raises(BentoMLException, match="cancelled"):
+                await client.wait_job(task_id, poll_s=0.05, timeout_s=120)
+            return await client.job_progress(task_id)
+
+    final = asyncio.run(cancelled())
+    assert final["state"] == "cancelled" and final["steps_done"] - final["steps_at_cancel"] <= 1
