@@ -74,7 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     exp_lora.add_argument("out", help="the new .safetensors file")
     exp_lora.add_argument("--format", default="kohya", choices=("kohya", "diffusers"))
 
-    sub.add_parser("list", help="bases, adapters and CLIP models in the store")
+    imp_cn = sub.add_parser(
+        "import-controlnet",
+        help="import an SDXL ControlNet (hub id, diffusers folder or .safetensors file)",
+    )
+    imp_cn.add_argument("source", help="e.g. diffusers/controlnet-canny-sdxl-1.0, a folder, a file")
+    imp_cn.add_argument("--name", required=True, help="stored as controlnet-<name>")
+    imp_cn.add_argument("--dtype", default="float16", help="float32, float16 or bfloat16")
+    imp_cn.add_argument(
+        "--config", dest="single_file_config", help="for a single file: its diffusers config"
+    )
+    tiny_cn = sub.add_parser(
+        "build-tiny-controlnet", help="build the tiny ControlNet (on a tiny base's UNet) for tests"
+    )
+    tiny_cn.add_argument("--base", default="sdxl-tiny", help="store tag of the tiny base")
+    tiny_cn.add_argument("--name", default="tiny")
+    tiny_cn.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("list", help="bases, adapters, ControlNets and CLIP models in the store")
     show = sub.add_parser("show", help="metadata of one entry as JSON")
     show.add_argument("tag")
     return parser
@@ -92,12 +109,36 @@ def run_lora_files(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_controlnets(args: argparse.Namespace) -> int:
+    from models.controlnets import build_tiny_controlnet, import_controlnet, save_controlnet
+
+    if args.command == "import-controlnet":
+        entry = import_controlnet(
+            args.source, args.name, dtype=args.dtype, single_file_config=args.single_file_config
+        )
+    else:
+        from diffusers import UNet2DConditionModel
+
+        from models.bases import get_base
+
+        base = get_base(args.base)
+        unet = UNet2DConditionModel.from_pretrained(base.path, subfolder="unet")
+        entry = save_controlnet(
+            build_tiny_controlnet(unet, args.seed),
+            args.name,
+            source=f"tiny:{base.tag}:seed={args.seed}",
+            reuse_identical=True,
+        )
+    print(f"controlnet: {entry.tag}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from models.bases import import_base, save_base
     from models.store import list_entries
 
-    if args.command in ("import-lora", "export-lora"):
-        return run_lora_files(args)
+    if args.command in DISPATCH:
+        return DISPATCH[args.command](args)
     if args.command == "build-tiny":
         from models.tiny import build_tiny_pipeline
 
@@ -161,6 +202,15 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     return 0
+
+
+DISPATCH = {
+    "import-lora": run_lora_files,
+    "export-lora": run_lora_files,
+    "import-controlnet": run_controlnets,
+    "build-tiny-controlnet": run_controlnets,
+}
+"""Commands run by a function of their own."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

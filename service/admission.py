@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_MODE_PATHS = frozenset({"/img2img", "/inpaint"})
 """Endpoints that denoise from a client's image (service.image_modes)."""
-QUEUED_PATHS = frozenset({"/generate", "/score"}) | IMAGE_MODE_PATHS
-WORK_PATHS = frozenset({"/generate"}) | IMAGE_MODE_PATHS
+QUEUED_PATHS = frozenset({"/generate", "/score", "/controlnet"}) | IMAGE_MODE_PATHS
+WORK_PATHS = frozenset({"/generate", "/controlnet"}) | IMAGE_MODE_PATHS
 """Endpoints whose work is counted (a /score is bounded by its images)."""
 WORK_UNIT_PIXELS = 1024 * 1024
 PARSE_IN_THREAD_BYTES = 1 << 20

@@ -1,4 +1,5 @@
-"""Image-to-image and inpainting: /img2img and /inpaint on the served base's own components.
+"""Image-to-image, inpainting, ControlNet: /img2img, /inpaint and /controlnet on the served base's
+own components (and text-to-image for long jobs, service.jobs).
 
 diffusers' `StableDiffusionXLImg2ImgPipeline` and `StableDiffusionXLInpaintPipeline` are made
 once with `from_pipe(engine.pipe)`: they hold the same UNet, text encoders and VAE objects, so
@@ -28,8 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from bentoml.exceptions import ServiceUnavailable
+from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from diffusers import (
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
@@ -91,6 +93,7 @@ def mode_key(request: Any, adapters: tuple) -> tuple:
         bool(request.negative_prompt),
         getattr(request, "strength", None),
         tuple(sorted(micro_conditioning(request).items())),
+        _control_key(request),
         adapters,
     )
 
@@ -103,12 +106,32 @@ class ImageModes:
         self.engine = engine
         self._pipes: dict[str, Any] = {}
 
-    def pipe(self, mode: str) -> Any:
+    def pipe(self, mode: str, request: Any = None) -> Any:
+        """The pipeline of `mode` (for "controlnet", with `request`'s ControlNet)."""
+        if mode == "controlnet":
+            return self._controlnet_pipe(request.controlnet.name)
         if mode not in self._pipes:
             made = PIPELINES[mode].from_pipe(self.engine.pipe)
             made.set_progress_bar_config(disable=True)
             self._pipes[mode] = made
         return self._pipes[mode]
+
+    def _controlnet_pipe(self, name: str) -> Any:
+        """The base's components with ControlNet `name` (loaded once, kept on the device; the
+        version the store holds when it is first used)."""
+        key = f"controlnet:{name}"
+        if key not in self._pipes:
+            from models.controlnets import get_controlnet, load_controlnet
+            from models.store import StoreError
+
+            try:
+                model = load_controlnet(get_controlnet(name), self.engine.pipe.unet)
+            except (StoreError, ValueError) as err:
+                raise InvalidArgument(f"controlnet.name: {err}") from None
+            made = StableDiffusionXLControlNetPipeline.from_pipe(self.engine.pipe, controlnet=model)
+            made.set_progress_bar_config(disable=True)
+            self._pipes[key] = made
+        return self._pipes[key]
 
     def run(
         self,
@@ -184,7 +207,7 @@ class ImageModes:
 
     def _call(self, call: Call, on_step: StepCallback | None) -> list[Pending]:
         engine = self.engine
-        pipe = self.pipe(call.mode)
+        pipe = self.pipe(call.mode, call.first)  # a ControlNet is loaded outside the lock
         with engine._lock:
             started = time.perf_counter()
             engine.adapters.activate(call.adapters)
@@ -231,6 +254,11 @@ def adapter_used(entry: Any, scale: float) -> Any:
     from service.engine import adapter_used as used
 
     return used(entry, scale)
+
+
+def _control_key(request: Any) -> tuple:
+    control = getattr(request, "controlnet", None)
+    return (control.name, control.scale) if control is not None else ()
 
 
 def _key(adapter_set: tuple) -> tuple:
@@ -295,8 +323,13 @@ class Call:
             "guidance_scale": first.guidance,
             **micro_conditioning(first),
         }
-        if self.mode != "generate":
+        if self.mode in ("img2img", "inpaint"):
             arguments |= {"image": self.inputs("_image"), "strength": first.strength}
+        if self.mode == "controlnet":
+            arguments |= {
+                "image": self.inputs("_control"),
+                "controlnet_conditioning_scale": first.controlnet.scale,
+            }
         if self.mode != "img2img":  # img2img takes the image's size
             arguments |= {"width": first.width, "height": first.height}
         if self.mode == "inpaint":
@@ -329,6 +362,10 @@ def vae_round_trip(pipe: Any, images: list, generators: list[torch.Generator]) -
     return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
+NOT_SETTINGS: Any = {"adapters": True, "image": True, "mask": True, "controlnet": {"image"}}
+"""Request fields a response's settings leave out: adapters (listed apart), client images."""
+
+
 @dataclass(frozen=True)
 class Pending:
     """An image made and being encoded (see service.encoder)."""
@@ -343,7 +380,7 @@ class Pending:
 
     def finish(self) -> GeneratedImage:
         data, encode_s = self.encoded.result()
-        settings = self.request.model_dump(exclude={"adapters", "image", "mask"}) | {
+        settings = self.request.model_dump(exclude=NOT_SETTINGS) | {
             "seed": self.seed,
             "base": self.base,
             "mode": self.mode,
@@ -362,6 +399,7 @@ class Pending:
 class ModeBatchers:
     img2img: Batcher
     inpaint: Batcher
+    controlnet: Batcher
 
 
 def batchers(engine: Any, settings: Any) -> ModeBatchers:
@@ -380,7 +418,9 @@ def batchers(engine: Any, settings: Any) -> ModeBatchers:
             prepare=engine.load_adapters,
         )
 
-    return ModeBatchers(img2img=batcher("img2img"), inpaint=batcher("inpaint"))
+    return ModeBatchers(
+        img2img=batcher("img2img"), inpaint=batcher("inpaint"), controlnet=batcher("controlnet")
+    )
 
 
 __all__ = ["ImageModes", "InpaintRequest", "ModeBatchers", "batchers", "steps_run"]

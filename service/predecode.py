@@ -1,5 +1,5 @@
-"""Decoding /score, /img2img and /inpaint images off the event loop, before BentoML validates
-the request.
+"""Decoding /score, /img2img, /inpaint and /controlnet images off the event loop, before BentoML
+validates the request.
 
 BentoML parses and validates a request on the server's event loop, and the /score request model
 decodes its images while it validates (service/schemas.py): one request with 16 images of 4096²
@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service import images
 from service.request_guard import replay_body
 
-PATHS = frozenset({"/score", "/img2img", "/inpaint"})
+PATHS = frozenset({"/score", "/img2img", "/inpaint", "/controlnet"})
 MAX_IMAGES_PER_REQUEST = 16
 """ScoreRequest's limit: a request with more is refused by validation before any decoding, so
 its images are not decoded in advance either."""
@@ -114,4 +114,7 @@ def image_texts(body: bytes) -> list[str]:
             texts.extend(text for text in found if isinstance(text, str))
         # /img2img and /inpaint (service.image_modes): one init image, and a mask
         texts.extend(request[k] for k in IMAGE_FIELDS if isinstance(request.get(k), str))
+        control = request.get("controlnet")  # /controlnet: its conditioning image
+        if isinstance(control, dict) and isinstance(control.get("image"), str):
+            texts.append(control["image"])
     return texts

@@ -22,7 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.drain import Drain
 
-JSON_PATHS = frozenset({"/generate", "/score", "/img2img", "/inpaint", "/job/submit"})
+JSON_PATHS = frozenset(
+    {"/generate", "/score", "/img2img", "/inpaint", "/controlnet", "/job/submit"}
+)
 
 
 class RequestGuard:

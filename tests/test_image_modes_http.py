@@ -122,3 +122,30 @@ def test_the_new_endpoints_take_json_only(server):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(request, timeout=60)
         assert err.value.code == 415, path
+
+
+def test_controlnet_over_http_equals_plain_diffusers(server, client):
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    from models.bases import get_base
+    from models.cli import main as models_cli
+    from models.controlnets import get_controlnet
+    from tests.test_controlnet import edges
+    from tests.test_controlnet import peer_image as controlnet_peer_image
+
+    assert models_cli(["build-tiny-controlnet", "--name", "tiny"]) == 0  # while it serves
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        get_base("sdxl-tiny").path,
+        controlnet=ControlNetModel.from_pretrained(get_controlnet("tiny").path),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    [got] = client.controlnet(
+        "a road", edges(4), "tiny", scale=0.7, seed=3, width=64, height=64, **SMALL
+    )
+    want = controlnet_peer_image(pipe, "a road", edges(4), 3, 0.7)
+    assert np.abs(pixels(got.image) - want).max() <= TOLERANCE
+    assert got.settings["controlnet"] == {"name": "tiny", "scale": 0.7}
+    body = {"prompt": "x", **SMALL, "controlnet": {"name": "nope", "image": b64(edges(4))}}
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post(server, "/controlnet", [body])
+    assert err.value.code == 400 and "unknown ControlNet 'nope'" in err.value.read().decode()

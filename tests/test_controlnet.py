@@ -1,0 +1,168 @@
+"""ControlNet (models.controlnets, /controlnet through service.image_modes) on the tiny base, on a
+CPU: a ControlNet built and imported into the store by the CLI; the served image equals plain
+diffusers' StableDiffusionXLControlNetPipeline, alone and batched; scale 0 gives the plain
+/generate image; bad input is refused naming the field; a ControlNet of another shape is
+refused."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pydantic
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+from models.cli import main as models_cli
+from models.controlnets import controlnet_names, get_controlnet, load_controlnet
+from service.schemas import ControlNetRequest, GenerateRequest
+from tests.test_image_modes import (  # noqa: F401 (fixtures)
+    TOLERANCE,
+    b64,
+    edit_style,
+    engine,
+    errors,
+    picture,
+)
+
+SMALL = {"width": 64, "height": 64, "steps": 4, "guidance": 5.0}
+
+
+@pytest.fixture(scope="module")
+def controlnet(tiny_base):
+    assert models_cli(["build-tiny-controlnet", "--base", "sdxl-tiny", "--name", "tiny"]) == 0
+    return get_controlnet("tiny")
+
+
+@pytest.fixture(scope="module")
+def peer(tiny_base, controlnet):
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        tiny_base.path, controlnet=ControlNetModel.from_pretrained(controlnet.path)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def edges(seed: int, size=(64, 64)):
+    from PIL import Image
+
+    array = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    rng = np.random.RandomState(seed)
+    for _ in range(6):
+        x = rng.randint(0, size[0])
+        array[:, x : x + 2] = 255
+    return Image.fromarray(array)
+
+
+def request(prompt: str, control, seed: int, scale: float = 1.0, **fields) -> ControlNetRequest:
+    return ControlNetRequest(
+        prompt=prompt,
+        seed=seed,
+        controlnet={"name": "tiny", "image": b64(control), "scale": scale},
+        **(SMALL | fields),
+    )
+
+
+def served(engine, requests) -> list[np.ndarray]:  # noqa: F811
+    from tests.service_helpers import pixels
+
+    return [pixels(i.image) for r in engine.controlnet(requests) for i in r.images]
+
+
+def peer_image(pipe, prompt: str, control, seed: int, scale: float) -> np.ndarray:
+    from tests.service_helpers import pixels
+
+    image = pipe(
+        prompt,
+        image=control,
+        controlnet_conditioning_scale=scale,
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
+    return pixels(image)
+
+
+def test_the_served_image_equals_plain_diffusers_alone_and_batched(engine, peer):  # noqa: F811
+    control = edges(1)
+    want = peer_image(peer, "a street", control, 5, 0.8)
+    [alone] = served(engine, [request("a street", control, 5, 0.8)])
+    assert np.abs(alone - want).max() <= TOLERANCE
+    batch = served(
+        engine,
+        [
+            request("a forest", edges(2), 9, 0.8, num_images=2),
+            request("a street", control, 5, 0.8),
+        ],
+    )
+    assert len(batch) == 3 and np.abs(batch[2] - want).max() <= TOLERANCE
+    assert np.abs(batch[0] - peer_image(peer, "a forest", edges(2), 9, 0.8)).max() <= TOLERANCE
+
+
+def test_scale_0_is_the_plain_image_and_a_scale_changes_it(engine):  # noqa: F811
+    control = edges(3)
+    [zero] = served(engine, [request("a bridge", control, 7, 0.0)])
+    [full] = served(engine, [request("a bridge", control, 7, 1.0)])
+    from tests.service_helpers import pixels
+
+    [plain] = engine.generate([GenerateRequest(prompt="a bridge", seed=7, **SMALL)])
+    plain = pixels(plain.images[0].image)
+    assert np.abs(zero - plain).max() <= TOLERANCE
+    assert np.abs(full - plain).max() > 5 * TOLERANCE
+
+
+def test_bad_input_is_refused_naming_the_field(controlnet):
+    control = b64(edges(1))
+    cases = [
+        ({"name": "nope", "image": control}, ("controlnet", "name"), "unknown ControlNet 'nope'"),
+        ({"name": "tiny", "image": control, "scale": 3}, ("controlnet", "scale"), "2"),
+        ({"name": "tiny", "image": "aGVsbG8="}, (), "controlnet.image: image does not decode"),
+        (
+            {"name": "tiny", "image": b64(edges(1, (128, 32)))},
+            (),
+            "controlnet.image: 128x32 is far from the output's 64x64",
+        ),
+    ]
+    for fields, loc, message in cases:
+        with pytest.raises(pydantic.ValidationError) as err:
+            ControlNetRequest(prompt="x", controlnet=fields, **SMALL)
+        [(got_loc, got)] = errors(err)
+        assert got_loc == loc and message in got, (got_loc, got)
+    # the output's aspect ratio at another size is fine (diffusers resizes it)
+    ok = ControlNetRequest(
+        prompt="x", controlnet={"name": "tiny", "image": b64(edges(1, (128, 128)))}, **SMALL
+    )
+    assert ok._control.size == (128, 128) and "tiny" in controlnet_names()
+
+
+def test_a_controlnet_of_another_shape_is_refused(controlnet, engine):  # noqa: F811
+    unet = engine.pipe.unet
+    other = types.SimpleNamespace(
+        config={**unet.config, "cross_attention_dim": 2048}, device=unet.device, dtype=unet.dtype
+    )
+    with pytest.raises(ValueError, match="does not fit this base: cross_attention_dim"):
+        load_controlnet(controlnet, other)
+
+
+def test_import_controlnet_from_a_folder(controlnet, tmp_path):
+    ControlNetModel.from_pretrained(controlnet.path).save_pretrained(tmp_path / "cn")
+    assert models_cli(["import-controlnet", str(tmp_path / "cn"), "--name", "copied"]) == 0
+    copied = get_controlnet("copied")
+    assert copied.metadata["source"] == str(tmp_path / "cn") and "copied" in controlnet_names()
+
+
+def test_the_clients_take_the_request_fields(controlnet):
+    import inspect
+
+    from service.client import AsyncClient, Client, _control_request
+
+    fields = set(ControlNetRequest.model_fields) - {"controlnet"}
+    for cls in (Client, AsyncClient):
+        params = set(inspect.signature(cls.controlnet).parameters) - {"self"}
+        assert params == fields | {"control_image", "controlnet", "scale"}, params ^ fields
+    [body] = _control_request("x", edges(1), "tiny", 0.5, None, {"seed": 2, **SMALL})["requests"]
+    parsed = ControlNetRequest(**body)
+    assert parsed.controlnet.scale == 0.5 and parsed.seed == 2
