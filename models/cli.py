@@ -91,7 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_cn.add_argument("--name", default="tiny")
     tiny_cn.add_argument("--seed", type=int, default=0)
 
-    sub.add_parser("list", help="bases, adapters, ControlNets and CLIP models in the store")
+    imp_ref = sub.add_parser(
+        "import-refiner", help="import an SDXL refiner (hub id or diffusers folder)"
+    )
+    imp_ref.add_argument("source", help="e.g. stabilityai/stable-diffusion-xl-refiner-1.0")
+    imp_ref.add_argument("--name", default="sdxl-refiner")
+    imp_ref.add_argument("--dtype", default="float16", help="float32, float16 or bfloat16")
+    tiny_ref = sub.add_parser(
+        "build-tiny-refiner", help="build the tiny refiner (sharing a tiny base's VAE) for tests"
+    )
+    tiny_ref.add_argument("--base", default="sdxl-tiny", help="store tag of the tiny base")
+    tiny_ref.add_argument("--name", default="sdxl-tiny-refiner")
+    tiny_ref.add_argument("--seed", type=int, default=1)
+
+    sub.add_parser("list", help="bases, adapters, ControlNets, refiners and CLIP models")
     show = sub.add_parser("show", help="metadata of one entry as JSON")
     show.add_argument("tag")
     return parser
@@ -204,11 +217,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_refiners(args: argparse.Namespace) -> int:
+    from models.refiners import build_tiny_refiner, import_refiner, save_refiner
+
+    if args.command == "import-refiner":
+        entry = import_refiner(args.source, args.name, dtype=args.dtype)
+    else:
+        from models.bases import get_base
+        from models.loading import load_pipeline
+
+        base = get_base(args.base)
+        pipe = load_pipeline(f"store:{base.tag}")
+        entry = save_refiner(
+            build_tiny_refiner(pipe, args.seed),
+            args.name,
+            source=f"tiny:{base.tag}:seed={args.seed}",
+            reuse_identical=True,
+        )
+    print(f"refiner: {entry.tag}")
+    return 0
+
+
 DISPATCH = {
     "import-lora": run_lora_files,
     "export-lora": run_lora_files,
     "import-controlnet": run_controlnets,
     "build-tiny-controlnet": run_controlnets,
+    "import-refiner": run_refiners,
+    "build-tiny-refiner": run_refiners,
 }
 """Commands run by a function of their own."""
 

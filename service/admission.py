@@ -38,10 +38,12 @@ from service.state import LiveStatus
 
 log = logging.getLogger(__name__)
 
-IMAGE_MODE_PATHS = frozenset({"/img2img", "/inpaint"})
+IMAGE_MODE_PATHS = frozenset({"/img2img", "/inpaint", "/refine"})
 """Endpoints that denoise from a client's image (service.image_modes)."""
-QUEUED_PATHS = frozenset({"/generate", "/score", "/controlnet"}) | IMAGE_MODE_PATHS
-WORK_PATHS = frozenset({"/generate", "/controlnet"}) | IMAGE_MODE_PATHS
+TEXT_TO_IMAGE_PATHS = frozenset({"/generate", "/controlnet", "/generate_with_refiner"})
+"""Endpoints whose work is measured as /generate's."""
+QUEUED_PATHS = frozenset({"/score"}) | TEXT_TO_IMAGE_PATHS | IMAGE_MODE_PATHS
+WORK_PATHS = TEXT_TO_IMAGE_PATHS | IMAGE_MODE_PATHS
 """Endpoints whose work is counted (a /score is bounded by its images)."""
 WORK_UNIT_PIXELS = 1024 * 1024
 PARSE_IN_THREAD_BYTES = 1 << 20

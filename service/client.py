@@ -375,6 +375,60 @@ class Client:
         body = _control_request(prompt, control_image, controlnet, scale, adapters, dict(locals()))
         return _images(self._post("/controlnet", body))
 
+    def generate_with_refiner(
+        self,
+        prompt: str,
+        *,
+        handoff: float | None = None,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int | None = None,
+        scheduler: SchedulerName | None = None,
+        adapters: Adapters | None = None,
+        output_format: OutputFormat | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+    ) -> list[Generated]:
+        """As generate, with the server's refiner taking over after the `handoff` fraction of
+        the steps (POST /generate_with_refiner; 0.8 when left out)."""
+        body = _mode_request(prompt, {}, adapters, dict(locals()))
+        return _images(self._post("/generate_with_refiner", body))
+
+    def refine(
+        self,
+        prompt: str,
+        image: Image.Image,
+        *,
+        strength: float | None = None,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int | None = None,
+        scheduler: SchedulerName | None = None,
+        output_format: OutputFormat | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+    ) -> list[Generated]:
+        """`image` through the server's refiner as image-to-image (POST /refine; strength 0.3
+        when left out); no adapters."""
+        body = _mode_request(prompt, {"image": image}, None, dict(locals()))
+        return _images(self._post("/refine", body))
+
     def _get(self, path: str) -> Any:
         response = self._http.request("GET", path)
         if response.is_error:
@@ -586,6 +640,60 @@ class AsyncClient:
         image. The other fields as generate's."""
         body = _control_request(prompt, control_image, controlnet, scale, adapters, dict(locals()))
         return _images(await self._post("/controlnet", body))
+
+    async def generate_with_refiner(
+        self,
+        prompt: str,
+        *,
+        handoff: float | None = None,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int | None = None,
+        scheduler: SchedulerName | None = None,
+        adapters: Adapters | None = None,
+        output_format: OutputFormat | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+    ) -> list[Generated]:
+        """As generate, with the server's refiner taking over after the `handoff` fraction of
+        the steps (POST /generate_with_refiner; 0.8 when left out)."""
+        body = _mode_request(prompt, {}, adapters, dict(locals()))
+        return _images(await self._post("/generate_with_refiner", body))
+
+    async def refine(
+        self,
+        prompt: str,
+        image: Image.Image,
+        *,
+        strength: float | None = None,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int | None = None,
+        scheduler: SchedulerName | None = None,
+        output_format: OutputFormat | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+    ) -> list[Generated]:
+        """`image` through the server's refiner as image-to-image (POST /refine; strength 0.3
+        when left out); no adapters."""
+        body = _mode_request(prompt, {"image": image}, None, dict(locals()))
+        return _images(await self._post("/refine", body))
 
     async def _get(self, path: str) -> Any:
         response = await self._http.request("GET", path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -60,6 +61,15 @@ PIPELINES = {
     "img2img": StableDiffusionXLImg2ImgPipeline,
     "inpaint": StableDiffusionXLInpaintPipeline,
 }
+ROUTES = {
+    "img2img": "/img2img",
+    "inpaint": "/inpaint",
+    "controlnet": "/controlnet",
+    "handoff": "/generate_with_refiner",
+    "refine": "/refine",
+    "generate": "/job",
+}
+"""Each mode's endpoint."""
 StepCallback = Callable[[Any, int, Any, dict], dict]
 ImagesCallback = Callable[[int], None]
 
@@ -94,6 +104,7 @@ def mode_key(request: Any, adapters: tuple) -> tuple:
         getattr(request, "strength", None),
         tuple(sorted(micro_conditioning(request).items())),
         _control_key(request),
+        getattr(request, "handoff", None),
         adapters,
     )
 
@@ -105,11 +116,37 @@ class ImageModes:
     def __init__(self, engine: Any):
         self.engine = engine
         self._pipes: dict[str, Any] = {}
+        self._refiner: Any = None
+        self._refiner_lock = threading.Lock()
+
+    def refiner(self) -> Any:
+        """The refiner BENTOLORA_REFINER names, loaded on first use onto the base's device."""
+        with self._refiner_lock:
+            if self._refiner is None:
+                from models.refiners import load_refiner
+                from models.store import StoreError
+
+                tag = self.engine.settings.refiner
+                if not tag:
+                    raise InvalidArgument("this server has no refiner (BENTOLORA_REFINER)")
+                try:
+                    self._refiner = load_refiner(
+                        tag, dtype=self.engine.settings.torch_dtype(), device=self.engine.device
+                    )
+                except (StoreError, ValueError) as err:
+                    raise InvalidArgument(f"refiner {tag!r}: {err}") from None
+                self._refiner_config = dict(self._refiner.scheduler.config)
+            return self._refiner
 
     def pipe(self, mode: str, request: Any = None) -> Any:
         """The pipeline of `mode` (for "controlnet", with `request`'s ControlNet)."""
         if mode == "controlnet":
             return self._controlnet_pipe(request.controlnet.name)
+        if mode == "refine":
+            return self.refiner()
+        if mode == "handoff":
+            self.refiner()  # loaded (or refused) before the lock
+            mode = "generate"
         if mode not in self._pipes:
             made = PIPELINES[mode].from_pipe(self.engine.pipe)
             made.set_progress_bar_config(disable=True)
@@ -181,7 +218,7 @@ class ImageModes:
                 if on_images is not None:
                     on_images(len(made))
         responses = [GenerateResponse(images=[p.finish() for p in images]) for images in results]
-        engine.live.record_batch(f"/{mode}", time.perf_counter() - started, len(requests))
+        engine.live.record_batch(ROUTES[mode], time.perf_counter() - started, len(requests))
         return responses
 
     def _fitting(self, call: Call, on_step: StepCallback | None) -> list[Pending]:
@@ -210,20 +247,15 @@ class ImageModes:
         pipe = self.pipe(call.mode, call.first)  # a ControlNet is loaded outside the lock
         with engine._lock:
             started = time.perf_counter()
-            engine.adapters.activate(call.adapters)
+            if call.mode != "refine":  # the refiner has its own UNet, no adapters
+                engine.adapters.activate(call.adapters)
             switch = engine.adapters.last_switch_s
-            pipe.scheduler = make_scheduler(call.first.scheduler, engine.scheduler_config)
+            config = self._refiner_config if call.mode == "refine" else engine.scheduler_config
+            pipe.scheduler = make_scheduler(call.first.scheduler, config)
             failpoints.hit("pipeline", size=len(call.chunk))
             generators = [torch.Generator("cpu").manual_seed(s) for s in call.image_seeds]
             try:
-                if steps_run(call.first) == 0:
-                    images = vae_round_trip(pipe, call.inputs("_image"), generators)
-                else:
-                    images = pipe(
-                        **call.arguments(),
-                        generator=generators,
-                        callback_on_step_end=_progress(engine, call, on_step),
-                    ).images
+                images = self._images(call, pipe, generators, _progress(engine, call, on_step))
             finally:
                 engine.live.progress = (0, 0)
             compute = time.perf_counter() - started
@@ -248,6 +280,30 @@ class ImageModes:
             )
             for (i, _), image, seed in zip(call.chunk, images, call.image_seeds, strict=True)
         ]
+
+    def _images(self, call: Call, pipe: Any, generators: list, callback: StepCallback) -> list:
+        """The pipeline call (two for a handoff: the base to `handoff` as latents, the refiner
+        from there), or the VAE round trip when no step runs."""
+        if steps_run(call.first) == 0:
+            return vae_round_trip(pipe, call.inputs("_image"), generators)
+        steps = {"generator": generators, "callback_on_step_end": callback}
+        if call.mode != "handoff":
+            return pipe(**call.arguments(), **steps).images
+        first = call.first
+        latents = pipe(
+            **call.arguments(), denoising_end=first.handoff, output_type="latent", **steps
+        ).images
+        refiner = self.refiner()
+        refiner.scheduler = make_scheduler(first.scheduler, self._refiner_config)
+        return refiner(
+            prompt=call.inputs("prompt"),
+            negative_prompt=call.inputs("negative_prompt") if first.negative_prompt else None,
+            image=latents,
+            num_inference_steps=first.steps,
+            denoising_start=first.handoff,
+            guidance_scale=first.guidance,
+            **steps,
+        ).images
 
 
 def adapter_used(entry: Any, scale: float) -> Any:
@@ -323,14 +379,14 @@ class Call:
             "guidance_scale": first.guidance,
             **micro_conditioning(first),
         }
-        if self.mode in ("img2img", "inpaint"):
+        if self.mode in ("img2img", "inpaint", "refine"):
             arguments |= {"image": self.inputs("_image"), "strength": first.strength}
         if self.mode == "controlnet":
             arguments |= {
                 "image": self.inputs("_control"),
                 "controlnet_conditioning_scale": first.controlnet.scale,
             }
-        if self.mode != "img2img":  # img2img takes the image's size
+        if self.mode not in ("img2img", "refine"):  # these take the image's size
             arguments |= {"width": first.width, "height": first.height}
         if self.mode == "inpaint":
             arguments["mask_image"] = self.inputs("_mask")
@@ -400,6 +456,8 @@ class ModeBatchers:
     img2img: Batcher
     inpaint: Batcher
     controlnet: Batcher
+    handoff: Batcher
+    refine: Batcher
 
 
 def batchers(engine: Any, settings: Any) -> ModeBatchers:
@@ -409,7 +467,7 @@ def batchers(engine: Any, settings: Any) -> ModeBatchers:
 
     def batcher(mode: str) -> Batcher:
         return Batcher(
-            f"/{mode}",
+            ROUTES[mode],
             getattr(engine, mode),
             lambda request: request.num_images,
             max_images=max(settings.max_request_images, settings.max_batch_images),
@@ -419,7 +477,11 @@ def batchers(engine: Any, settings: Any) -> ModeBatchers:
         )
 
     return ModeBatchers(
-        img2img=batcher("img2img"), inpaint=batcher("inpaint"), controlnet=batcher("controlnet")
+        img2img=batcher("img2img"),
+        inpaint=batcher("inpaint"),
+        controlnet=batcher("controlnet"),
+        handoff=batcher("handoff"),
+        refine=batcher("refine"),
     )
 
 

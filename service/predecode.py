@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service import images
 from service.request_guard import replay_body
 
-PATHS = frozenset({"/score", "/img2img", "/inpaint", "/controlnet"})
+PATHS = frozenset({"/score", "/img2img", "/inpaint", "/controlnet", "/refine"})
 MAX_IMAGES_PER_REQUEST = 16
 """ScoreRequest's limit: a request with more is refused by validation before any decoding, so
 its images are not decoded in advance either."""

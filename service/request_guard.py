@@ -23,7 +23,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.drain import Drain
 
 JSON_PATHS = frozenset(
-    {"/generate", "/score", "/img2img", "/inpaint", "/controlnet", "/job/submit"}
+    {
+        "/generate",
+        "/score",
+        "/img2img",
+        "/inpaint",
+        "/controlnet",
+        "/generate_with_refiner",
+        "/refine",
+        "/job/submit",
+    }
 )
 
 

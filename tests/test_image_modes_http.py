@@ -31,7 +31,11 @@ SMALL = {"steps": 4, "guidance": 5.0}
 
 @pytest.fixture(scope="module")
 def server(edit_style, tmp_path_factory):  # noqa: F811
-    proc, url = start_server(server_env(), tmp_path_factory.mktemp("modes") / "server.log")
+    from models.cli import main as models_cli
+
+    assert models_cli(["build-tiny-refiner", "--base", "sdxl-tiny"]) == 0
+    env = server_env() | {"BENTOLORA_REFINER": "sdxl-tiny-refiner"}
+    proc, url = start_server(env, tmp_path_factory.mktemp("modes") / "server.log")
     yield url
     stop_server(proc)
 
@@ -149,3 +153,30 @@ def test_controlnet_over_http_equals_plain_diffusers(server, client):
     with pytest.raises(urllib.error.HTTPError) as err:
         post(server, "/controlnet", [body])
     assert err.value.code == 400 and "unknown ControlNet 'nope'" in err.value.read().decode()
+
+
+def test_the_refiner_over_http(client, server):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from models.bases import get_base
+    from models.store import get_entry
+    from tests.test_refiner import ensemble
+
+    base = StableDiffusionXLPipeline.from_pretrained(get_base("sdxl-tiny").path)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        get_entry("sdxl-tiny-refiner", kind="refiner").path
+    )
+    [got] = client.generate_with_refiner(
+        "a castle", handoff=0.7, seed=4, width=64, height=64, steps=6, guidance=5.0
+    )
+    assert np.abs(pixels(got.image) - ensemble((base, refiner), "a castle", 4, 0.7)).max() <= 2
+    assert got.settings["handoff"] == 0.7
+    [refined] = client.refine("sharper", got.image, strength=0.5, seed=2, steps=6)
+    assert refined.image.size == (64, 64) and refined.settings["mode"] == "refine"
+    for path, fields, message in [
+        ("/generate_with_refiner", {"handoff": 1.0}, "handoff"),
+        ("/refine", {"image": b64(picture(1)), "adapters": [{"name": "edit-style"}]}, "adapters"),
+    ]:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(server, path, [{"prompt": "x", **SMALL, **fields}])
+        assert err.value.code == 400 and message in err.value.read().decode()
