@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 BASE = "bench-base"
 CLIP = "bench-clip"
 ADAPTERS = ("bench-a", "bench-b")
+"""The two adapters of the switching and HTTP rows; the mixed-traffic rows add bench-02…"""
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 """The attention projections, where the issue measures a rank-8 LoRA."""
 
@@ -70,10 +71,13 @@ def random_lora(unet: nn.Module, rank: int, seed: int) -> dict[str, torch.Tensor
     return layers
 
 
-def build_adapters(base: StoreEntry, unet: nn.Module, rank: int) -> list[StoreEntry]:
-    """One adapter per name in ADAPTERS, made for `base`."""
+def build_adapters(
+    base: StoreEntry, unet: nn.Module, rank: int, count: int = len(ADAPTERS)
+) -> list[StoreEntry]:
+    """`count` adapters made for `base`: those of ADAPTERS, then bench-02, bench-03, …"""
+    names = [*ADAPTERS, *(f"bench-{i:02d}" for i in range(len(ADAPTERS), count))][:count]
     entries = []
-    for seed, name in enumerate(ADAPTERS):
+    for seed, name in enumerate(names):
         info = AdapterInfo(
             base_tag=base.tag,
             base_hash=base.metadata["content_hash"],

@@ -18,6 +18,7 @@ from bench.measure import Row, image_diff, measure_row
 from models.adapter import weights_path
 from models.device import resolve_dtype
 from models.store import StoreEntry
+from service.schemas import AdapterChoice, GenerateRequest
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,6 @@ def make_engine(device: str, batch: int, speed: dict | None = None):
 
 
 def engine_requests(work: Workload, n: int, adapter: str | None):
-    from service.schemas import GenerateRequest
 
     return [
         GenerateRequest(
@@ -127,6 +127,36 @@ def engine_requests(work: Workload, n: int, adapter: str | None):
         )
         for s in seeds(n)
     ]
+
+
+def mixed_rows(
+    engine, adapters: list[str], work: Workload, device: str, counts: list[int], label: str = ""
+) -> list[Row]:
+    """Batches of `work.batch` requests whose adapters come from `k` distinct ones (request j of
+    call c takes adapter (c·batch + j) mod k), for each k in `counts`; each row's ratio is taken
+    against the same engine's k = 1 row (the cost of mixing). `label` names the engine."""
+    rows = []
+    for k in counts:
+        if k > len(adapters):
+            raise ValueError(f"{k} adapters in the traffic, {len(adapters)} built")
+        calls = itertools.count()
+
+        def call(k=k, calls=calls):
+            c = next(calls)
+            requests = engine_requests(work, work.batch, None)
+            for j, request in enumerate(requests):
+                name = adapters[(c * work.batch + j) % k]
+                request.adapters = [AdapterChoice(name=name, scale=1.0)]
+            engine.generate(requests)
+
+        for _ in range(-(-k // work.batch)):  # every adapter loaded before the timed calls
+            call()
+        row = Row("serve", f"engine{label}, batch {work.batch}, {k} adapters in the traffic")
+        measure_row(row, call, repeats=work.repeats, images_per_call=work.batch, device=device)
+        if k != counts[0]:
+            row.baseline = rows[0].name
+        rows.append(row)
+    return rows
 
 
 def engine_images(engine, work: Workload, n: int, adapter: str | None) -> list:

@@ -151,19 +151,25 @@ def http_rows(
     concurrencies: list[int],
     requests: int,
     adapters: list[str],
+    mixes: list[int] = (),
 ) -> list[Row]:
-    """One row per concurrency: `max(requests, concurrency)` requests with mixed adapters."""
+    """One row per concurrency: `max(requests, concurrency)` requests with two adapters taken in
+    turn; then, at the largest concurrency, one row per k in `mixes` with k distinct adapters in
+    the traffic (each k > 1 row's ratio against the k = 1 row)."""
     rows = []
-    for concurrency in concurrencies:
+    plans = [(c, adapters[:2]) for c in concurrencies]
+    plans += [(max(concurrencies), adapters[:k]) for k in mixes]
+    for concurrency, used in plans:
         total = max(requests, concurrency)
         t0 = time.perf_counter()
-        asyncio.run(_load(url, work, concurrency, min(concurrency, total), adapters))
+        # Warm-up: each adapter of the row loaded once before the timed requests.
+        asyncio.run(_load(url, work, concurrency, max(min(concurrency, total), len(used)), used))
         warmup = time.perf_counter() - t0
         with MemorySampler(pid, device) as sampler:
-            latencies, wall, timings = asyncio.run(_load(url, work, concurrency, total, adapters))
+            latencies, wall, timings = asyncio.run(_load(url, work, concurrency, total, used))
         row = Row(
             "http",
-            f"HTTP service, concurrency {concurrency}, {len(adapters) or 'no'} adapters mixed",
+            f"HTTP service, concurrency {concurrency}, {len(used) or 'no'} adapters mixed",
             images=total,
             seconds=wall,
             latencies=sorted(latencies),
@@ -178,5 +184,8 @@ def http_rows(
             },
         )
         log.info("%s: %.3f images/s", row.name, row.images_per_s)
-        rows.append(row)
+        if len(used) > 1 and 1 in mixes and concurrency == max(concurrencies):
+            row.baseline = f"HTTP service, concurrency {concurrency}, 1 adapters mixed"
+        if all(r.name != row.name for r in rows):
+            rows.append(row)
     return rows

@@ -136,6 +136,11 @@ class FusedLora:
         self._active: tuple[tuple[str, float], ...] = ()
         """(tag, scale) of each adapter merged now; empty: the base's own weights."""
 
+    @property
+    def active(self) -> tuple[tuple[str, float], ...]:
+        """(tag, scale) of each adapter merged now."""
+        return self._active
+
     @torch.no_grad()
     def activate(self, choices: Sequence[tuple[LoraFactors, float]]) -> bool:
         """Merge exactly `choices` (none: restore the base). Returns whether any weight changed."""

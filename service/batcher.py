@@ -16,8 +16,11 @@ most `window_s`, whatever came before.
 
 Each request is a job; a job is never split (BENTOLORA_MAX_REQUEST_IMAGES bounds its size), and
 a batch takes whole jobs in arrival order up to `max_images` images (at least one job). A job
-whose client has gone (`gone`, set by service.admission when the connection closes) or whose
-deadline has passed (the server's timeout cancelled it) is dropped before it starts.
+that needs something loaded first (`is_ready` false: an adapter not on the device) is left in
+the queue while `prepare` loads it in a thread of its own; the jobs behind it form batches
+meanwhile, and it joins the next batch once loaded. A job whose client has gone (`gone`, set
+by service.admission when the connection closes) or whose deadline has passed (the server's
+timeout cancelled it) is dropped before it starts.
 """
 
 from __future__ import annotations
@@ -59,12 +62,17 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     started: bool = False
     abandoned: bool = False
+    preparing: bool = False
+    prepared: bool = False
+    failed: bool = False
 
 
 class Batcher:
     """Batches for one endpoint. `run(items)` computes a batch (a list of request items, in
     order) and returns one output per item; `images_of(item)` is what an item costs in the batch
-    size cap. Call `submit` from the server's event loop."""
+    size cap; `is_ready(item)` false means `prepare(items)` (blocking, run in a thread beside the
+    batches) must run before the item's job can join a batch. Call `submit` from the server's
+    event loop."""
 
     def __init__(
         self,
@@ -74,12 +82,16 @@ class Batcher:
         *,
         max_images: int,
         window_s: float,
+        is_ready: Callable[[Any], bool] | None = None,
+        prepare: Callable[[list], None] | None = None,
     ):
         self.endpoint = endpoint
         self.run = run
         self.images_of = images_of
         self.max_images = max_images
         self.window_s = window_s
+        self.is_ready = is_ready
+        self.prepare = prepare
         self._queue: deque[Job] = deque()
         self._wake: asyncio.Event | None = None
         self._consumer: asyncio.Task | None = None
@@ -134,9 +146,14 @@ class Batcher:
             self._wake.clear()
             await self._wake.wait()
         await self._window()
+        self._wake.clear()  # before taking: a load that ends meanwhile wakes the wait below
         batch = self._take()
-        if not batch:
-            return
+        if batch:
+            await self._run(batch)
+        elif self._queue:  # every queued job is loading what it needs
+            await self._wake.wait()
+
+    async def _run(self, batch: list[Job]) -> None:
         for job in batch:
             job.started = True
         items = [item for job in batch for item in job.items]
@@ -175,24 +192,53 @@ class Batcher:
 
     def _take(self) -> list[Job]:
         """Whole jobs in arrival order, up to `max_images` images (at least one job); jobs
-        already answered (client gone, deadline passed) are dropped here, unrun."""
+        already answered (client gone, deadline passed) are dropped here, unrun; jobs still
+        loading what they need stay queued, in their order."""
         batch: list[Job] = []
+        kept: deque[Job] = deque()
         images = 0
         while self._queue:
-            job = self._queue[0]
+            job = self._queue.popleft()
             if job.future.done():
-                self._queue.popleft()
                 self._dropped(job)
-                continue
-            if batch and images + job.images > self.max_images:
-                break
-            batch.append(self._queue.popleft())
-            images += job.images
+            elif not self._ready(job):
+                kept.append(job)
+            elif batch and images + job.images > self.max_images:
+                kept.append(job)
+                kept.extend(self._queue)
+                self._queue.clear()
+            else:
+                batch.append(job)
+                images += job.images
+        self._queue = kept
         return batch
 
+    def _ready(self, job: Job) -> bool:
+        """Whether `job` can run now; if not, start loading what it needs (once)."""
+        if self.is_ready is None or job.prepared:
+            return True
+        if all(self.is_ready(item) for item in job.items):
+            return True
+        if not job.preparing:
+            job.preparing = True
+            asyncio.get_running_loop().create_task(self._prepare(job))
+        return False
+
+    async def _prepare(self, job: Job) -> None:
+        assert self.prepare is not None and self._wake is not None
+        try:
+            await anyio.to_thread.run_sync(self.prepare, list(job.items))
+        except Exception as err:  # this job's own failure (e.g. its adapter left the store)
+            if not job.future.done():
+                job.failed = True
+                job.future.set_exception(err)
+        finally:
+            job.prepared = True
+            self._wake.set()
+
     def _dropped(self, job: Job) -> None:
-        if job.abandoned:
-            return  # counted and logged where the client was found gone
+        if job.abandoned or job.failed:
+            return  # counted and logged where the client was found gone, or answered its error
         metrics.dropped(len(job.items))
         log.warning(
             "%s: dropping a request of %d item(s) past its deadline, unrun",
@@ -231,7 +277,8 @@ SCORE_BATCH_IMAGES = 64
 
 @dataclass(frozen=True)
 class EngineBatchers:
-    generate: Batcher
+    generate: Any
+    """The Batcher, or in step mode the step scheduler's queue (service.step_scheduler)."""
     score: Batcher
 
 
@@ -243,14 +290,22 @@ def for_engine(engine: Any, settings: Any) -> EngineBatchers:
     group of alike requests (a batch capped at one call's images would make mixed requests
     share fewer, smaller calls). A /score batch holds SCORE_BATCH_IMAGES images."""
     window_s = settings.batch_window_ms / 1000
-    return EngineBatchers(
-        generate=Batcher(
+    if engine.steps is not None:
+        from service.step_scheduler import StepQueue
+
+        generate = StepQueue(engine)
+    else:
+        generate = Batcher(
             "/generate",
             engine.generate,
             lambda request: request.num_images,
             max_images=max(settings.max_request_images, settings.max_batch_images),
             window_s=window_s,
-        ),
+            is_ready=engine.adapters_resident,
+            prepare=engine.load_adapters,
+        )
+    return EngineBatchers(
+        generate=generate,
         score=Batcher(
             "/score",
             engine.score,

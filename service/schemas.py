@@ -39,6 +39,16 @@ class AdapterChoice(BaseModel):
         str, Field(min_length=1, max_length=64, description="adapter name, e.g. my-style")
     ]
     scale: Scale = 1.0
+    version: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=64,
+            pattern=r"^[a-z0-9]+$",
+            description="a store version of the adapter (as a response names it); absent: the "
+            "version served now",
+        ),
+    ] = None
     _entry: Any = PrivateAttr(default=None)
 
     @field_validator("name")
@@ -57,6 +67,8 @@ class AdapterChoice(BaseModel):
             self._entry = snapshot.adapters.get(self.name)
             if self._entry is None:  # a reload between the name check and here
                 raise ValueError(snapshot.why_not_served(self.name))
+            if self.version is not None and self.version != self._entry.version:
+                self._entry = _other_version(snapshot, self._entry, self.version)
         return self
 
     @property
@@ -65,6 +77,31 @@ class AdapterChoice(BaseModel):
         against: the engine serves that version even if a reload has since changed or dropped
         the name. None for a request validated without a server (the engine looks it up)."""
         return self._entry
+
+
+def _other_version(snapshot: ServedSnapshot, served: Any, version: str) -> Any:
+    """Version `version` of the adapter `served` is the current version of: it must be in the
+    store and made for the same base (and promoted, where only promoted versions are served).
+    The engine checks its weights against the pipeline when it loads them."""
+    from models.adapter import get_adapter
+    from models.stages import is_production
+    from models.store import StoreError
+
+    name = served.name.removeprefix("lora-")
+    try:
+        entry = get_adapter(f"{name}:{version}")
+    except StoreError:
+        raise ValueError(
+            f"adapter {name!r} has no version {version!r} in the store; this server serves "
+            f"version {served.version}"
+        ) from None
+    if entry.metadata.get("base_hash") != served.metadata.get("base_hash"):
+        raise ValueError(f"adapter {name!r} version {version!r} was made for another base")
+    if snapshot.settings.promoted_only and not is_production(entry):
+        raise ValueError(
+            f"adapter {name!r} version {version!r} is not promoted (BENTOLORA_PROMOTED_ONLY)"
+        )
+    return entry
 
 
 class GenerateRequest(BaseModel):
@@ -128,7 +165,8 @@ class GenerateRequest(BaseModel):
 
 class AdapterUsed(BaseModel):
     name: str
-    version: str
+    version: str = Field(description="the store version; send it back to pin it")
+    content_hash: str = Field(description="hash of the version's files in the store")
     scale: float
 
 
@@ -213,3 +251,244 @@ def _bound(model: type[BaseModel], state: ServerState, **fields: tuple[Any, Any]
     }
     namespace.update({name: default for name, (_, default) in fields.items()})
     return type(model.__name__, (model,), namespace)
+
+
+# --- image modes: /img2img and /inpaint (service.image_modes) ----------------------------------
+
+Strength = Annotated[
+    float,
+    Field(
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="how much of the image is redrawn: 0 keeps it (through the VAE), 1 redraws "
+        "all; int(steps × strength) denoising steps run",
+    ),
+]
+DEFAULT_STRENGTH = 0.8
+JobDeadline = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        le=7 * 86400,
+        allow_inf_nan=False,
+        description="seconds from submission after which the job stops (within a denoising "
+        "step); absent: none",
+    ),
+]
+SizePair = tuple[Annotated[int, Field(ge=1, le=16384)], Annotated[int, Field(ge=1, le=16384)]]
+CropPair = tuple[Annotated[int, Field(ge=0, le=16384)], Annotated[int, Field(ge=0, le=16384)]]
+MICRO_CONDITIONING = (
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+    "negative_target_size",
+)
+
+
+class MicroConditioning(BaseModel):
+    """SDXL's size and crop conditioning ([height, width] and [top, left], as diffusers takes
+    them); absent: the pipeline's defaults (the output size, no crop)."""
+
+    original_size: SizePair | None = None
+    crops_coords_top_left: CropPair | None = None
+    target_size: SizePair | None = None
+    negative_original_size: SizePair | None = None
+    negative_crops_coords_top_left: CropPair | None = None
+    negative_target_size: SizePair | None = None
+
+    def micro_conditioning(self) -> dict[str, tuple[int, int]]:
+        """The fields set, as the pipeline's keyword arguments."""
+        return {k: tuple(v) for k in MICRO_CONDITIONING if (v := getattr(self, k)) is not None}
+
+
+class Img2ImgRequest(MicroConditioning, GenerateRequest):
+    """/img2img: a /generate request that starts from `image` (base64 PNG/JPEG/WebP, sides
+    multiples of 8). The output has the image's size: width and height default to it and, if
+    sent, must equal it."""
+
+    image: Annotated[str, Field(min_length=1, description="base64 PNG/JPEG/WebP")]
+    strength: Strength = DEFAULT_STRENGTH
+    _image: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def size_from_the_image(cls, data: Any) -> Any:
+        """width/height default to the image's (read from its header)."""
+        if isinstance(data, dict) and isinstance(data.get("image"), str):
+            settings = _served(cls).settings
+            try:
+                checked = _check_image(data["image"], settings)
+            except ImageInputError as err:  # before the size checks, which would hide it
+                raise ValueError(f"image: {err}") from None
+            if checked.width % 8 or checked.height % 8:
+                raise ValueError(
+                    f"image: {checked.width}x{checked.height}; both sides must be multiples of 8 "
+                    "(crop or resize it)"
+                )
+            data = {"width": checked.width, "height": checked.height, **data}
+        return data
+
+    @model_validator(mode="after")
+    def decodable(self) -> Img2ImgRequest:
+        self._image = _decoded(self, "image", self.image)
+        return self
+
+
+class InpaintRequest(Img2ImgRequest):
+    """/inpaint: redraw where `mask` is white (an image of the same size; grey is rounded to
+    black or white, as diffusers does), keep where it is black."""
+
+    mask: Annotated[str, Field(min_length=1, description="base64 PNG/JPEG/WebP, image's size")]
+    strength: Strength = 1.0
+    _mask: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def mask_decodable(self) -> InpaintRequest:
+        mask = _decoded(self, "mask", self.mask, check_size=False)
+        if mask.size != self._image.size:
+            raise ValueError(
+                f"mask: {mask.width}x{mask.height}; it must be the image's size, "
+                f"{self._image.width}x{self._image.height}"
+            )
+        self._mask = mask.convert("L")
+        return self
+
+
+class ControlChoice(BaseModel):
+    """One ControlNet for a request: its store name, the conditioning image (edges, depth, pose
+    …, of the output's aspect ratio; resized to the output's size as diffusers does) and the
+    conditioning scale (0: the plain image)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, description="e.g. canny")]
+    image: Annotated[str, Field(min_length=1, description="base64 PNG/JPEG/WebP")]
+    scale: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] = 1.0
+
+    @field_validator("name")
+    @classmethod
+    def in_the_store(cls, name: str) -> str:
+        from models.controlnets import PREFIX, controlnet_names
+
+        name = name.removeprefix(PREFIX)
+        known = controlnet_names()
+        if name not in known:
+            raise ValueError(
+                f"unknown ControlNet {name!r}; this server has: {', '.join(known) or 'none'} "
+                "(bentolora-models import-controlnet adds one)"
+            )
+        return name
+
+
+ASPECT_TOLERANCE = 0.05
+"""How far (relative) a conditioning image's aspect ratio may be from the output's."""
+
+
+class ControlNetRequest(MicroConditioning, GenerateRequest):
+    """/controlnet: a /generate request that follows the structure of `controlnet.image`."""
+
+    controlnet: ControlChoice
+    _control: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def control_image(self) -> ControlNetRequest:
+        image = _decoded(self, "controlnet.image", self.controlnet.image, check_size=False)
+        want, got = self.width / self.height, image.width / image.height
+        if abs(got - want) > ASPECT_TOLERANCE * want:
+            raise ValueError(
+                f"controlnet.image: {image.width}x{image.height} is far from the output's "
+                f"{self.width}x{self.height} (aspect ratio {got:.3g}, not {want:.3g}); send it "
+                "at the output's size or aspect ratio"
+            )
+        self._control = image
+        return self
+
+
+Handoff = Annotated[
+    float,
+    Field(
+        gt=0.0,
+        lt=1.0,
+        allow_inf_nan=False,
+        description="fraction of the schedule the base denoises before the refiner takes over",
+    ),
+]
+
+
+def _refiner_served(model: type[BaseModel]) -> None:
+    snapshot = _served(model)
+    if snapshot.loaded and not snapshot.settings.refiner:
+        raise ValueError("this server has no refiner (BENTOLORA_REFINER is not set)")
+
+
+class RefinedRequest(MicroConditioning, GenerateRequest):
+    """/generate_with_refiner: the base (with the adapters) denoises the first `handoff` of the
+    schedule and the refiner the rest (diffusers' ensemble of experts: `denoising_end` on the
+    base, `denoising_start` on the refiner)."""
+
+    handoff: Handoff = 0.8
+
+    @model_validator(mode="after")
+    def has_refiner(self) -> RefinedRequest:
+        _refiner_served(type(self))
+        return self
+
+
+class RefineRequest(Img2ImgRequest):
+    """/refine: the refiner as image-to-image on the client's image (refine after). Adapters
+    are made for the base and do not apply."""
+
+    strength: Strength = 0.3
+
+    @model_validator(mode="after")
+    def has_refiner(self) -> RefineRequest:
+        if self.adapters:
+            raise ValueError("adapters: the refiner takes none (they are made for the base)")
+        _refiner_served(type(self))
+        return self
+
+
+def _check_image(text: str, settings: Any) -> Any:
+    from service.images import check
+
+    return check(text, max_bytes=settings.max_input_bytes, max_pixels=settings.max_input_pixels)
+
+
+def _decoded(request: BaseModel, field: str, text: str, check_size: bool = True) -> Any:
+    """`text` decoded within the input caps; a ValueError naming `field` if it is not an
+    acceptable image, or (with `check_size`) not of the request's width × height (multiples
+    of 8)."""
+    settings = _served(type(request)).settings
+    try:
+        image = decode(
+            text, max_bytes=settings.max_input_bytes, max_pixels=settings.max_input_pixels
+        )
+    except ImageInputError as err:
+        raise ValueError(f"{field}: {err}") from None
+    if check_size and (image.width % 8 or image.height % 8):
+        raise ValueError(
+            f"{field}: {image.width}x{image.height}; both sides must be multiples of 8 "
+            "(crop or resize it)"
+        )
+    size = (request.width, request.height)  # type: ignore[attr-defined]
+    if check_size and image.size != size:
+        raise ValueError(
+            f"{field}: {image.width}x{image.height}, but width x height is {size[0]}x{size[1]}; "
+            "leave width and height out (the image's size is used) or send the image's size"
+        )
+    return image
+
+
+def bind_image_requests(state: ServerState) -> tuple[Any, ...]:
+    """The /img2img, /inpaint, /controlnet, /generate_with_refiner and /refine request models
+    bound to `state`, as `bind_requests` binds /generate's."""
+    choice = _bound(AdapterChoice, state)
+    adapters = (Annotated[list[choice], Field(max_length=8)], [])  # type: ignore[valid-type]
+    return (
+        _bound(Img2ImgRequest, state, adapters=adapters),
+        _bound(InpaintRequest, state, adapters=adapters),
+        _bound(ControlNetRequest, state, adapters=adapters),
+        _bound(RefinedRequest, state, adapters=adapters),
+        _bound(RefineRequest, state, adapters=adapters),
+    )

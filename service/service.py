@@ -11,8 +11,15 @@ from service import batcher, bentoml_fixes, metrics
 from service.adapter_policy import AdapterPolicy, deny_file
 from service.drain import Drain
 from service.http_extras import adapter_routes
+from service.jobs import JOB_SCALE, JobBoard, JobGate, jobs_app
 from service.middleware import install_middleware
-from service.schemas import GenerateResponse, ScoreResponse, bind_requests
+from service.schemas import (
+    GenerateResponse,
+    JobDeadline,
+    ScoreResponse,
+    bind_image_requests,
+    bind_requests,
+)
 from service.settings import Settings
 from service.state import ServerState
 
@@ -22,11 +29,19 @@ STATE = ServerState(SETTINGS)
 middleware and request models below when it imports this module, before it creates the service
 instance, so the holder is made here and passed to each; the instance's engine publishes into it."""
 GenerateRequest, ScoreRequest = bind_requests(STATE)
+(Img2ImgRequest, InpaintRequest, ControlNetRequest, RefinedRequest, RefineRequest) = (
+    bind_image_requests(STATE)
+)
 DRAIN = Drain(limit_s=SETTINGS.request_timeout_s + 5)
 """Draining after SIGTERM (service.drain): the request guard answers 503 while it lasts."""
 POLICY = AdapterPolicy(deny_file())
 """What an admin keeps out of serving (service.adapter_policy): the store's deny list, this
 process's unloads. Passed to the instance's store watcher, through which the admin routes act."""
+JOBS = JobBoard(
+    max_items=SETTINGS.max_request_items * JOB_SCALE,
+    max_images=SETTINGS.max_request_images * JOB_SCALE,
+)
+"""Long jobs' progress and cancel (service.jobs): the task endpoint runs them, /jobs reads them."""
 bentoml_fixes.apply()  # metrics labelled by route, request timers cancelled
 
 
@@ -35,6 +50,7 @@ def running_watcher():
     return bentoml.get_current_service().watcher
 
 
+@bentoml.asgi_app(jobs_app(JOBS), path="/jobs")
 @bentoml.asgi_app(adapter_routes(STATE, running_watcher), path="/adapters")
 @bentoml.service(
     name="bentolora",
@@ -50,6 +66,7 @@ def running_watcher():
 class SDXLLoRA:
     def __init__(self) -> None:
         from service.engine import Engine
+        from service.image_modes import batchers as mode_batchers
         from service.memory import return_large_blocks_to_the_system
         from service.store_watcher import StoreWatcher
 
@@ -59,6 +76,7 @@ class SDXLLoRA:
         metrics.start_worker()
         self.engine = Engine(SETTINGS, STATE)
         self.batches = batcher.for_engine(self.engine, SETTINGS)
+        self.mode_batches = mode_batchers(self.engine, SETTINGS)  # /img2img, /inpaint, /controlnet
         # Serves adapter versions saved after the start (BENTOLORA_ADAPTER_WATCH_S); applies the
         # deny list before the first request
         self.watcher = StoreWatcher(self.engine, POLICY, SETTINGS, stop_when=lambda: DRAIN.draining)
@@ -93,8 +111,56 @@ class SDXLLoRA:
         """CLIP scores of images against texts, and image-image similarity."""
         return await batcher.serve(self.batches.score, requests, ctx)
 
+    @bentoml.api
+    async def img2img(
+        self, requests: list[Img2ImgRequest], ctx: bentoml.Context
+    ) -> list[GenerateResponse]:
+        """Images redrawn from an init image (strength: how much), batched as /generate's."""
+        return await batcher.serve(self.mode_batches.img2img, requests, ctx)
+
+    @bentoml.api
+    async def inpaint(
+        self, requests: list[InpaintRequest], ctx: bentoml.Context
+    ) -> list[GenerateResponse]:
+        """Images redrawn where the mask is white, kept where it is black."""
+        return await batcher.serve(self.mode_batches.inpaint, requests, ctx)
+
+    @bentoml.api
+    async def controlnet(
+        self, requests: list[ControlNetRequest], ctx: bentoml.Context
+    ) -> list[GenerateResponse]:
+        """Images that follow a conditioning image's structure, through a stored ControlNet."""
+        return await batcher.serve(self.mode_batches.controlnet, requests, ctx)
+
+    @bentoml.api
+    async def generate_with_refiner(
+        self, requests: list[RefinedRequest], ctx: bentoml.Context
+    ) -> list[GenerateResponse]:
+        """Images whose last denoising steps the refiner (BENTOLORA_REFINER) takes over."""
+        return await batcher.serve(self.mode_batches.handoff, requests, ctx)
+
+    @bentoml.api
+    async def refine(
+        self, requests: list[RefineRequest], ctx: bentoml.Context
+    ) -> list[GenerateResponse]:
+        """The refiner as image-to-image on a client's image."""
+        return await batcher.serve(self.mode_batches.refine, requests, ctx)
+
+    @bentoml.task
+    async def job(
+        self,
+        requests: list[GenerateRequest],
+        ctx: bentoml.Context,
+        deadline_s: JobDeadline = None,
+    ) -> list[GenerateResponse]:
+        """Many images in the background: POST /job/submit answers a task id at once; progress
+        and cancel at /jobs/{task_id}; the result at GET /job/get?task_id=."""
+        task_id = ctx.request.state.task_id  # set by BentoML's task runner
+        return await JOBS.run(self.engine.image_modes, task_id, requests, deadline_s)
+
 
 install_middleware(SDXLLoRA, SETTINGS, STATE, DRAIN)
+SDXLLoRA.add_asgi_middleware(JobGate, board=JOBS, max_jobs=SETTINGS.max_queue)
 if SETTINGS.ui:  # gradio is imported only for the UI: BENTOLORA_UI=0 serves without it installed
     from service.ui import mount as mount_ui
 

@@ -70,16 +70,19 @@ class ServedSnapshot:
         )
         return f"unknown adapter {name!r}; this server has: {known or 'none'}"
 
-    def listing(self) -> dict[str, Any]:
-        """The body of GET /adapters/ (and of POST /adapters/reload)."""
+    def listing(self, tiers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The body of GET /adapters/ (and of POST /adapters/reload); `tiers`: where each loaded
+        adapter's weights are (LiveStatus.adapter_tiers)."""
         return {
             "base": self.base_tag,
-            "adapters": self.adapter_rows(),
+            "adapters": self.adapter_rows(tiers or {}),
             "refused": dict(self.refused_adapters),
         }
 
-    def adapter_rows(self) -> list[dict[str, Any]]:
-        """What GET /adapters shows of each adapter: identity, shape and training metrics."""
+    def adapter_rows(self, tiers: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """What GET /adapters shows of each adapter: identity, where its weights are (device,
+        host memory, or only the store), shape and training metrics."""
+        tiers = tiers or {}
         rows = []
         for name, entry in sorted(self.adapters.items()):
             meta = entry.metadata
@@ -88,6 +91,7 @@ class ServedSnapshot:
                     "name": name,
                     "version": entry.version,
                     "tag": entry.tag,
+                    "tier": tiers.get(entry.tag, "store"),
                     "base": meta.get("base_tag"),
                     "rank": meta.get("rank"),
                     "alpha": meta.get("alpha"),
@@ -127,6 +131,9 @@ class LiveStatus:
         """Recent compute seconds per request, per endpoint: what Retry-After is estimated from."""
         self.unavailable: tuple[float, str] = (0.0, "")
         """(monotonic time, why) of the last 503 the engine raised: the body of that 503."""
+        self.adapter_tiers: dict[str, str] = {}
+        """Store tag -> "device" or "host" for each adapter whose weights are loaded (replaced
+        whole by the adapter cache on each change)."""
 
     def mark_unavailable(self, why: str) -> str:
         self.unavailable = (time.monotonic(), why)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -25,7 +26,7 @@ from models.clip import ClipScorer, build_tiny_clip, save_clip
 from models.tiny import build_tiny_pipeline
 from service.client import Client
 from tests.service_helpers import pixels, server_env, start_server, stop_server
-from tests.store_helpers import one_layer_adapter
+from tests.store_helpers import attention_adapter, one_layer_adapter
 from train.config import TrainConfig
 from train.loop import train
 
@@ -61,6 +62,9 @@ def server(tiny_base, sample_dir, tmp_path_factory):
     other = save_base(build_tiny_pipeline(seed=3), "sdxl-tiny-elsewhere", source="tiny:seed=3")
     one_layer_adapter("elsewhere", other)
     one_layer_adapter("no-loss", tiny_base)  # no training, so its final loss is NaN
+    attention_adapter(
+        "pinned", tiny_base, StableDiffusionXLPipeline.from_pretrained(tiny_base.path), 7
+    )
     proc, url = start_server(server_env(), tmp / "server.log")
     yield url
     stop_server(proc)
@@ -213,6 +217,52 @@ def test_output_formats(client):
         assert got.format == fmt and got.image.format == pil and got.image.size == (64, 64)
 
 
+def post_generate(server: str, body: dict) -> dict:
+    """One /generate request over plain HTTP; its response (raises HTTPError on 4xx/5xx)."""
+    request = urllib.request.Request(
+        server + "/generate",
+        data=json.dumps({"requests": [body]}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())[0]
+
+
+def test_a_response_names_what_gives_the_same_image_again(server, tiny_base):
+    body = {"prompt": "a pinned circle", **SMALL, "adapters": [{"name": "pinned", "scale": 0.9}]}
+    [first] = post_generate(server, body)["images"]
+    served = get_adapter("pinned")
+    assert first["adapters"] == [
+        {
+            "name": "pinned",
+            "version": served.version,
+            "content_hash": served.metadata["content_hash"],
+            "scale": 0.9,
+        }
+    ]
+    settings = first["settings"]
+    for field in ("seed", "scheduler", "width", "height", "steps", "guidance", "prompt"):
+        assert field in settings, field
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_base.path)
+    newer = attention_adapter("pinned", tiny_base, pipe, 8)  # a newer version, not served yet
+    again = {k: v for k, v in settings.items() if k != "base"} | {
+        "adapters": [{k: a[k] for k in ("name", "version", "scale")} for a in first["adapters"]]
+    }
+    [second] = post_generate(server, again)["images"]
+    assert second["adapters"] == first["adapters"]
+    assert np.array_equal(pixels(second["image"]), pixels(first["image"]))
+    # The newer version, pinned by its version, is served although it is not the current one.
+    again["adapters"][0]["version"] = newer.version
+    [third] = post_generate(server, again)["images"]
+    assert third["adapters"][0]["version"] == newer.version
+    assert np.abs(pixels(third["image"]) - pixels(first["image"])).max() > 10
+    again["adapters"][0]["version"] = "nosuchversion1"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post_generate(server, again)
+    assert err.value.code == 400
+    assert "has no version 'nosuchversion1'" in err.value.read().decode()
+
+
 def test_sixteen_concurrent_clients_are_batched_and_each_gets_its_own_image(server):
     settings = [
         {
@@ -227,13 +277,7 @@ def test_sixteen_concurrent_clients_are_batched_and_each_gets_its_own_image(serv
     ]
 
     def call(body: dict) -> dict:
-        request = urllib.request.Request(
-            server + "/generate",
-            data=json.dumps({"requests": [body]}).encode(),
-            headers={"content-type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return json.loads(response.read())[0]
+        return post_generate(server, body)
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         together = list(pool.map(call, settings))
@@ -286,6 +330,10 @@ def test_adapters_endpoint_lists_what_is_served(client):
     red = rows["red"]
     assert red["version"] == get_adapter("red").version and red["rank"] == 4
     assert red["targets"] == list(TARGETS) and red["validation"]["fixed_noise_loss"] > 0
+    client.generate("a tier check", adapters={"blue": 1.0}, **SMALL)
+    rows = {row["name"]: row for row in client.adapters()}
+    assert rows["blue"]["tier"] == "device"  # just used: its factors are on the device
+    assert rows["no-loss"]["tier"] == "store"  # never used: only in the store
 
 
 def test_health_endpoints(server):
