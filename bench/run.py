@@ -44,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="requests before the HTTP rows (batcher learning)",
     )
     p.add_argument("--rank", type=int, default=8, help="rank of the served random adapters")
+    p.add_argument(
+        "--mixed-adapters",
+        default="1,4,16",
+        help="distinct adapters in the traffic of the mixed-batch rows (engine and HTTP); "
+        "empty: no such rows",
+    )
     p.add_argument("--train-rank", type=int, default=16, help="LoRA rank in the training rows")
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps per row")
     p.add_argument(
@@ -62,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-http", action="store_true", help="no HTTP rows")
     p.add_argument("--skip-train", action="store_true", help="no training rows")
     p.add_argument(
+        "--open-loop",
+        default="0.3,0.6,0.9",
+        help="load fractions of the open-loop rows (request-level vs step scheduling); "
+        "empty: no such rows",
+    )
+    p.add_argument("--open-loop-requests", type=int, default=24, help="requests per open-loop load")
+    p.add_argument(
         "--profile",
         action="store_true",
         help="profile one engine call with an adapter per engine section (profile-*.txt)",
@@ -77,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.size = args.size or (1024 if full else 64)
     args.steps = args.steps or (30 if full else 4)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.mixed_adapters = [int(k) for k in args.mixed_adapters.split(",") if k.strip()]
+    args.open_loop = [float(f) for f in args.open_loop.split(",") if f.strip()]
+    if any(not 0 < f < 2 for f in args.open_loop):
+        p.error(f"--open-loop {args.open_loop}: fractions of capacity in (0, 2)")
+    if any(k < 1 for k in args.mixed_adapters):
+        p.error(f"--mixed-adapters {args.mixed_adapters}: each at least 1")
     if args.size % 8 or args.size < 64:
         p.error(f"--size {args.size}: a multiple of 8, at least 64")
     if args.speed is None:
@@ -187,8 +206,10 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
         header["tflop_per_image"] = round(flops["per_image"] / 1e12, 4)
     except Exception as err:  # a FLOP count is a nicety; the timings stand without it
         logging.getLogger("bench").warning("FLOP count failed: %s", err)
+    count = max([2, *args.mixed_adapters])
     adapters = [
-        e.name.removeprefix("lora-") for e in fixtures.build_adapters(base, pipe.unet, args.rank)
+        e.name.removeprefix("lora-")
+        for e in fixtures.build_adapters(base, pipe.unet, args.rank, count)
     ]
 
     reference: dict[str, list] = {}
@@ -217,6 +238,9 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
             label = f" ({described})" if settings else ""
             try:
                 engine_rows, images = pipelines.engine_rows(engine, adapters, work, device, label)
+                engine_rows += pipelines.mixed_rows(
+                    engine, adapters, work, device, args.mixed_adapters, label
+                )
                 if args.profile:
                     header.setdefault("profiles", []).append(
                         pipelines.profile_engine(engine, adapters, work, device, args.out, label)
@@ -225,6 +249,21 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
                 del engine
             _add(rows, engine_rows, flops, work)
             correctness["engine" + label] = pipelines.correctness(reference, images)
+        _free()
+    if args.mixed_adapters and not (args.skip_serve or args.skip_engine):
+        with section("engine grouped"):  # before per-image LoRA: one call per adapter set
+            engine, _ = pipelines.make_engine(device, args.batch, {"mixed_max_rank": 0})
+            try:
+                _add(
+                    rows,
+                    pipelines.mixed_rows(
+                        engine, adapters, work, device, args.mixed_adapters, " (grouped by set)"
+                    ),
+                    flops,
+                    work,
+                )
+            finally:
+                del engine
         _free()
     save()
     if not args.skip_serve and not args.skip_http:
@@ -242,11 +281,35 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
                     url, work, args.http_warmup, adapters
                 )
                 http_rows = server.http_rows(
-                    url, proc.pid, work, device, args.concurrency, args.requests, adapters
+                    url,
+                    proc.pid,
+                    work,
+                    device,
+                    args.concurrency,
+                    args.requests,
+                    adapters,
+                    args.mixed_adapters,
                 )
             finally:
                 server.stop(proc)
             _add(rows, http_rows, flops, work)
+        save()
+    if args.open_loop and not args.skip_serve:
+        from bench.open_loop import open_loop_rows
+
+        with section("open loop"):
+            rows.extend(
+                open_loop_rows(
+                    device,
+                    args.batch,
+                    work,
+                    adapters[:2],
+                    args.open_loop,
+                    args.open_loop_requests,
+                    {k: v for k, v in speed.items() if k != "warmup"} or None,
+                )
+            )
+        _free()
         save()
     if not args.skip_train:
         train_work = training.TrainWork(args.size, args.batch, args.train_steps, args.train_rank)
@@ -290,6 +353,8 @@ def _flops(pipe, args) -> dict[str, float]:
 def _batch_baseline(row, work) -> str:
     """Batch-1 rows and one-at-a-time HTTP compare with eager batch 1; the engine's adapter rows
     with the same engine without an adapter (the cost of serving one); the rest with eager."""
+    if row.baseline:  # set where the row was made (the mixed-traffic rows)
+        return row.baseline
     for marker in (" + LoRA,", ", LoRA switching a/b,"):
         if row.name.startswith("engine") and marker in row.name:
             return row.name.replace(marker, ",")

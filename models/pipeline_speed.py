@@ -71,8 +71,10 @@ class SpeedOptions:
         return ", ".join(on) or "none"
 
 
-def speed_up(pipe, options: SpeedOptions, device: str) -> None:
-    """Apply `options` to `pipe` in place (see the module docstring for the order)."""
+def speed_up(pipe, options: SpeedOptions, device: str) -> int:
+    """Apply `options` to `pipe` in place (see the module docstring for the order). Returns the
+    recompile limit the compiled UNet needs (0 when not compiled): give it to `model_calls` in
+    every thread that runs the pipeline."""
     import torch
 
     if options.cuda_graphs and not device.startswith("cuda"):
@@ -83,12 +85,31 @@ def speed_up(pipe, options: SpeedOptions, device: str) -> None:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if options.compile == "off":
-        return
+        return 0
     if options.compile_cache:
         os.makedirs(options.compile_cache, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = options.compile_cache
     count = compile_unet(pipe.unet, options.compile, fullgraph=True, mode=options.compile_mode())
     log.info("compiled %d UNet module(s) (%s, %s)", count, options.compile, options.compile_mode())
+    return recompile_limit(count)
+
+
+def recompile_limit(compiled_modules: int) -> int:
+    return max(compiled_modules, RECOMPILE_LIMIT)
+
+
+def model_calls(limit: int):
+    """A context for running a compiled model in the calling thread: dynamo's recompile limit
+    at `limit` (torch keeps config overrides per thread since 2.12, so the limit set where the
+    model was compiled does not reach a server's worker threads, which would stop at torch's 8
+    variants per block); nothing when `limit` is 0."""
+    import contextlib
+
+    import torch
+
+    if not limit:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=limit)
 
 
 def compile_unet(unet, which: str, **compile_kwargs) -> int:
@@ -110,8 +131,8 @@ def compile_unet(unet, which: str, **compile_kwargs) -> int:
     targets = [m for m in unet.modules() if type(m).__name__ in classes]
     if not targets:
         raise ValueError(f"compile: blocks found none of {sorted(classes)} in this UNet")
-    dynamo = torch._dynamo.config
-    dynamo.recompile_limit = max(dynamo.recompile_limit, len(targets), RECOMPILE_LIMIT)
+    dynamo = torch._dynamo.config  # this thread's (see model_calls for the others)
+    dynamo.recompile_limit = max(dynamo.recompile_limit, recompile_limit(len(targets)))
     for module in targets:
         module.compile(**compile_kwargs)
     return len(targets)

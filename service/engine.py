@@ -1,9 +1,14 @@
 """The work behind the endpoints: one pipeline call per group of compatible requests, CLIP scores.
 
 Requests in a batch are grouped by everything the pipeline takes as one value (size, steps,
-guidance, scheduler, adapter versions); each image has its own generator seeded from its
-request, so an image does not depend on what it was batched with (to within 1/255 per pixel
-value: a batched matrix product takes other BLAS paths than a single one).
+guidance, scheduler, whether there is a negative prompt). Adapters are not among them: a call
+whose images use different adapter sets gives each image its own low-rank terms
+(service.adapter_cache, models.lora_batched), one UNet pass for all; only a set that cannot
+take part (LoRA on convolutions, ranks over BENTOLORA_MIXED_MAX_RANK, peft mode) runs as a call
+of its own. Each image has its own generator seeded from its request, so an image does not
+depend on what it was batched with (to within 2/255 per pixel value: a batched matrix product
+takes other BLAS paths than a single one, and a merged adapter rounds differently from a
+per-image term).
 
 The engine publishes what it serves into its `ServerState` (service.state) and is the only
 writer of its live status. The pipeline and CLIP are separate modules with separate locks: a
@@ -12,15 +17,18 @@ score does not wait for an image batch.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import gc
 import logging
 import secrets
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 import torch
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
@@ -30,11 +38,12 @@ from models.adapter import AdapterError
 from models.bases import get_base
 from models.clip import ClipScorer
 from models.loading import load_pipeline
-from models.pipeline_speed import speed_up
+from models.lora_batched import PerImageLora
+from models.pipeline_speed import model_calls, speed_up
 from models.store import StoreEntry
 from service import metrics
 from service.adapter_cache import AdapterCache
-from service.adapter_selection import select_adapters
+from service.adapter_selection import StoreAdapters, select_adapters
 from service.encoder import Encoded, Encoder
 from service.schedulers import make_scheduler
 from service.schemas import (
@@ -48,6 +57,17 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.state import ServedSnapshot, ServerState
+from service.step_scheduler import StepScheduler, Submission
+
+if TYPE_CHECKING:
+    from service.image_modes import ImageModes
+    from service.schemas import (
+        ControlNetRequest,
+        Img2ImgRequest,
+        InpaintRequest,
+        RefinedRequest,
+        RefineRequest,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +75,14 @@ Choices = tuple[tuple[StoreEntry, float], ...]
 """The adapter versions one request is served with, and their scales."""
 
 
-def group_key(request: GenerateRequest, choices: Choices) -> tuple:
+def group_key(request: GenerateRequest) -> tuple:
+    """What the requests of one pipeline call must share."""
     return (
         request.width,
         request.height,
         request.steps,
         request.guidance,
         request.scheduler,
-        tuple((entry.tag, scale) for entry, scale in choices),
         # An empty negative prompt means zeroed negative embeddings in SDXL (as diffusers does
         # for None), which a batch can only express for all its members at once.
         bool(request.negative_prompt),
@@ -85,17 +105,32 @@ class Engine:
         self.pipe.set_progress_bar_config(disable=True)
         self.scheduler_config = dict(self.pipe.scheduler.config)
         speed = settings.speed_options()
-        speed_up(self.pipe, speed, self.device)  # before any adapter is merged
+        self._recompile_limit = speed_up(self.pipe, speed, self.device)  # before any merge
+        mixed = None
+        if settings.lora_mode == "fused" and settings.mixed_max_rank > 0:
+            mixed = PerImageLora(
+                self.pipe, slots=settings.max_batch_images + 1, max_rank=settings.mixed_max_rank
+            )
         self.adapters = AdapterCache(
-            self.pipe, self.base, mode=settings.lora_mode, device=self.device
+            self.pipe,
+            self.base,
+            mode=settings.lora_mode,
+            device=self.device,
+            device_bytes=settings.adapter_device_bytes,
+            host_bytes=settings.adapter_host_bytes,
+            mixed=mixed,
+            on_change=lambda tiers: setattr(self.live, "adapter_tiers", tiers),
         )
         self.scorer = ClipScorer.from_store(settings.clip, device=self.device)
         self.encoder = Encoder(settings.encode_workers)
         self.encoder.start()
         self._lock = threading.Lock()  # one pipeline, one batch at a time
         self._clip_lock = threading.Lock()  # one CLIP, one score batch at a time
+        self.steps = StepScheduler(self) if settings.scheduling == "step" else None
+        """The step scheduler (BENTOLORA_SCHEDULING=step), else None: request-level batches."""
         default_size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         found = select_adapters(self.pipe, self.base, settings)
+        self.adapters.prepare_mixed(list(found.served.values()))
         if settings.warmup:
             self.warm_up(default_size)
         # Own instances: request validation tokenizes on the event loop while a batch tokenizes
@@ -131,12 +166,26 @@ class Engine:
         )
 
     def warm_up(self, size: int, steps: int = 2) -> None:
+        """Compile and allocate before the first request, for the path this engine serves by."""
+        if self.steps is not None:
+            self.steps.warm_up(size, steps)
+        else:
+            self._warm_up_pipeline(size, steps)
+
+    def _warm_up_pipeline(self, size: int, steps: int) -> None:
         """Run the pipeline once per batch size served at `size` (1 and the largest): compiles
         and allocates before the first request. The UNet runs the same shapes at any step
         count, so two steps are enough."""
-        for n in sorted({1, self.settings.max_batch_images}):
+        passes = [(n, False) for n in sorted({1, self.settings.max_batch_images})]
+        if self.adapters.mixed is not None and self.settings.max_batch_images > 1:
+            passes.append((self.settings.max_batch_images, True))  # the per-image terms on
+        for n, mixed in passes:
             started = time.perf_counter()
-            with self._lock:
+            with self._lock, self.model_calls():
+                if mixed:
+                    self.adapters.activate_mixed([()], [0] * n)
+                else:
+                    self.adapters.activate(())
                 self.pipe(
                     prompt=["warm-up"] * n,
                     width=size,
@@ -146,8 +195,14 @@ class Engine:
                     generator=torch.Generator("cpu").manual_seed(0),
                 )
             log.info(
-                "warm-up: %d images of %d px in %.1f s", n, size, time.perf_counter() - started
+                "warm-up: %d images of %d px%s in %.1f s",
+                n,
+                size,
+                " (per-image LoRA terms on)" if mixed else "",
+                time.perf_counter() - started,
             )
+        with self._lock:
+            self.adapters.activate(())
 
     def reload_adapters(self) -> ServedSnapshot:
         """Re-read the store (new adapters, new versions) and publish what is served now.
@@ -164,16 +219,77 @@ class Engine:
         log.info("adapters reloaded: %d served, %d refused", len(found.served), len(found.refused))
         return snapshot
 
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResponse]:
-        if not requests:
-            return []
+    def serve_adapters(self, found: StoreAdapters, forget: Iterable[str] = ()) -> ServedSnapshot:
+        """Publish `found` (a selection made off the pipeline, by service.store_watcher) and drop
+        the loaded weights of the versions `forget` (an admin unloaded or denied them). The lock
+        is held for that: forgetting rewrites fused weights."""
+        with self._lock:
+            snapshot = replace(
+                self.state.snapshot,
+                adapters=found.served,
+                refused_adapters=found.refused,
+                foreign_adapters=found.foreign,
+            )
+            self.state.publish(snapshot)
+            dropped = [tag for tag in forget if self.adapters.forget(tag)]
+        log.info(
+            "adapters selected: %d served, %d refused; weights dropped: %s",
+            len(found.served),
+            len(found.refused),
+            ", ".join(dropped) or "none",
+        )
+        return snapshot
+
+    def adapters_resident(self, request: GenerateRequest) -> bool:
+        """The request's adapters are on the device (its batch will not wait for a load)."""
+        try:
+            return self.adapters.resident(self._choices(request, self.state.snapshot))
+        except InvalidArgument:
+            return True  # nothing to load; generate answers it
+
+    def load_adapters(self, requests: Sequence[GenerateRequest]) -> None:
+        """Bring the requests' adapters to the device, beside any running batch."""
+        snapshot = self.state.snapshot
+        for request in requests:
+            self.adapters.prefetch(self._choices(request, snapshot))
+
+    def model_calls(self):
+        """Context for each call of the (maybe compiled) pipeline, in whatever thread."""
+        return model_calls(self._recompile_limit)
+
+    def submit(self, requests: Sequence[GenerateRequest]) -> concurrent.futures.Future:
+        """Step mode: queue `requests` on the step scheduler; the future gets their responses."""
+        choices, seeds = self._prepare(requests)
+        started = time.perf_counter()
+        future = self.steps.submit(
+            Submission(requests, choices, seeds, concurrent.futures.Future())
+        )
+        future.add_done_callback(
+            lambda _: self.live.record_batch(
+                "/generate", time.perf_counter() - started, len(requests)
+            )
+        )
+        return future
+
+    def _prepare(self, requests: Sequence[GenerateRequest]) -> tuple[list[Choices], list[int]]:
+        """Each request's adapter versions (checked still stored) and seed."""
         snapshot = self.state.snapshot
         choices = [self._choices(request, snapshot) for request in requests]
         self._check_still_stored(choices)
         seeds = [r.seed if r.seed is not None else secrets.randbelow(MAX_SEED) for r in requests]
+        return choices, seeds
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResponse]:
+        """The images of `requests`: through the step scheduler in step mode, else one pipeline
+        call per group of alike requests (at most BENTOLORA_MAX_BATCH_IMAGES images each)."""
+        if not requests:
+            return []
+        if self.steps is not None:
+            return self.submit(requests).result()
+        choices, seeds = self._prepare(requests)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
-            groups[group_key(request, choices[index])].append(index)
+            groups[group_key(request)].append(index)
         results: list[list[Pending]] = [[] for _ in requests]
         started = time.perf_counter()
         for indices in groups.values():
@@ -186,15 +302,97 @@ class Engine:
                         requests, jobs[start : start + step], self.settings.request_timeout_s
                     ),
                 )
-                if not chunk:
-                    continue
-                run = self._run_fitting(requests, seeds, chunk, len(requests), choices[indices[0]])
-                for (i, _), image in zip(chunk, run, strict=True):
-                    results[i].append(image)
+                for part in self._passes(chunk, choices):
+                    sets = [choices[i] for i, _ in part]
+                    run = self._run_fitting(requests, seeds, part, len(requests), sets)
+                    for (i, _), image in zip(part, run, strict=True):
+                        results[i].append(image)
         # Encoding ran beside the later groups' pipeline calls; collected last.
-        responses = [GenerateResponse(images=[p.finish() for p in images]) for images in results]
+        responses = self.responses(results)
         self.live.record_batch("/generate", time.perf_counter() - started, len(requests))
         return responses
+
+    @staticmethod
+    def responses(images: Sequence[Sequence[Pending]]) -> list[GenerateResponse]:
+        """One response per request from its images (waits for their encoding)."""
+        return [GenerateResponse(images=[p.finish() for p in mine]) for mine in images]
+
+    def pending(self, request, seed: int, choices: Choices, image, timings: dict) -> Pending:
+        """`image` of `request` handed to the encoder, with what its response will say."""
+        return Pending(
+            request=request,
+            seed=seed,
+            adapters=[adapter_used(e, s) for e, s in choices],
+            base=self.base.tag,
+            encoded=self.encoder.submit(image, request.output_format),
+            timings=timings,
+        )
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list:
+        """PIL images from final latents, as the pipeline decodes them (its VAE, its scaling,
+        float32 for an fp16 VAE that needs it, its watermark and post-processing)."""
+        pipe, vae = self.pipe, self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        dtype = torch.float32 if upcast else vae.dtype
+        mean, std = (
+            getattr(vae.config, "latents_mean", None),
+            getattr(vae.config, "latents_std", None),
+        )
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            image = vae.decode(latents.to(dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        if pipe.watermark is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return pipe.image_processor.postprocess(image, output_type="pil")
+
+    def step_failed(self, err: Exception) -> Exception:
+        """What the requests in flight get when a step of the step scheduler raised `err`."""
+        if isinstance(err, torch.OutOfMemoryError):
+            metrics.oom()
+            free_device_memory(self.device)
+            return ServiceUnavailable(
+                self.live.mark_unavailable(
+                    "out of GPU memory for the images in flight; retry when the server is less "
+                    "busy, or lower BENTOLORA_MAX_BATCH_IMAGES"
+                )
+            )
+        if isinstance(err, torch.AcceleratorError):
+            self.live.broken = str(err).splitlines()[0]
+            log.critical("device failed, the server must restart: %s", err)
+            return ServiceUnavailable(
+                self.live.mark_unavailable(f"the GPU failed ({self.live.broken}); restarting")
+            )
+        log.exception("a denoising step failed", exc_info=err)
+        return err
+
+    def _passes(
+        self, chunk: list[tuple[int, int]], choices: Sequence[Choices]
+    ) -> list[list[tuple[int, int]]]:
+        """`chunk` as pipeline calls: one for all images whose adapter sets can share a pass
+        (any mix of them), one per set that cannot."""
+        distinct = {_key(choices[i]): choices[i] for i, _ in chunk}
+        if len(distinct) <= 1:
+            return [chunk] if chunk else []
+        alone = set()
+        for key, adapter_set in distinct.items():
+            why = self.adapters.mixable(adapter_set)
+            if why is not None:
+                log.info("adapter set %s runs as its own call: %s", _names(adapter_set), why)
+                alone.add(key)
+        shared = [job for job in chunk if _key(choices[job[0]]) not in alone]
+        own = [[job for job in chunk if _key(choices[job[0]]) == k] for k in distinct if k in alone]
+        return [p for p in [shared, *own] if p]
 
     def _choices(self, request: GenerateRequest, snapshot: ServedSnapshot) -> Choices:
         """The versions `request` is served with: those pinned when it was validated; for a
@@ -216,13 +414,13 @@ class Engine:
                 raise AdapterGone(entry)
 
     def _run_fitting(
-        self, requests, seeds, chunk, batch_requests: int, choices: Choices
+        self, requests, seeds, chunk, batch_requests: int, sets: list[Choices]
     ) -> list[Pending]:
         """`_run`, halving the batch when the GPU runs out of memory; a single image that does
         not fit is answered 503. An unrecoverable device error marks the server broken (then
         /livez fails and the orchestrator restarts it)."""
         try:
-            return self._run(requests, seeds, chunk, batch_requests, choices)
+            return self._run(requests, seeds, chunk, batch_requests, sets)
         except torch.OutOfMemoryError:
             metrics.oom()
             free_device_memory(self.device)
@@ -242,8 +440,8 @@ class Engine:
                 len(chunk) - half,
             )
             return self._run_fitting(
-                requests, seeds, chunk[:half], batch_requests, choices
-            ) + self._run_fitting(requests, seeds, chunk[half:], batch_requests, choices)
+                requests, seeds, chunk[:half], batch_requests, sets[:half]
+            ) + self._run_fitting(requests, seeds, chunk[half:], batch_requests, sets[half:])
         except torch.AcceleratorError as err:
             self.live.broken = str(err).splitlines()[0]
             log.critical("device failed, the server must restart: %s", err)
@@ -251,15 +449,24 @@ class Engine:
                 self.live.mark_unavailable(f"the GPU failed ({self.live.broken}); restarting")
             ) from None
 
-    def _run(self, requests, seeds, chunk, batch_requests: int, choices: Choices) -> list[Pending]:
+    def _run(
+        self, requests, seeds, chunk, batch_requests: int, sets: list[Choices]
+    ) -> list[Pending]:
+        """One pipeline call for the images `chunk`; image j uses the adapters `sets[j]`."""
         first = requests[chunk[0][0]]
         image_seeds = [(seeds[i] + k) % (MAX_SEED + 1) for i, k in chunk]
+        keys = [_key(c) for c in sets]
+        distinct = list({k: c for k, c in zip(keys, sets, strict=True)}.values())
         with self._lock:
             started = time.perf_counter()
             try:
-                self.adapters.activate(choices)
+                if len(distinct) == 1:
+                    self.adapters.activate(distinct[0])
+                else:
+                    order = list(dict.fromkeys(keys))
+                    self.adapters.activate_mixed(distinct, [order.index(k) for k in keys])
             except (AdapterError, OSError):
-                gone = [e for e, _ in choices if not e.path.is_dir()]
+                gone = [e for c in distinct for e, _ in c if not e.path.is_dir()]
                 if not gone:
                     raise
                 raise AdapterGone(gone[0]) from None  # left the store since the check above
@@ -267,42 +474,35 @@ class Engine:
             self.pipe.scheduler = make_scheduler(first.scheduler, self.scheduler_config)
             failpoints.hit("pipeline", size=len(chunk))
             try:
-                images = self.pipe(
-                    prompt=[requests[i].prompt for i, _ in chunk],
-                    negative_prompt=[requests[i].negative_prompt for i, _ in chunk]
-                    if first.negative_prompt
-                    else None,
-                    width=first.width,
-                    height=first.height,
-                    num_inference_steps=first.steps,
-                    guidance_scale=first.guidance,
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in image_seeds],
-                    callback_on_step_end=self._report_progress,
-                ).images
+                with self.model_calls():
+                    images = self.pipe(
+                        prompt=[requests[i].prompt for i, _ in chunk],
+                        negative_prompt=[requests[i].negative_prompt for i, _ in chunk]
+                        if first.negative_prompt
+                        else None,
+                        width=first.width,
+                        height=first.height,
+                        num_inference_steps=first.steps,
+                        guidance_scale=first.guidance,
+                        generator=[torch.Generator("cpu").manual_seed(s) for s in image_seeds],
+                        callback_on_step_end=self._report_progress,
+                    ).images
             finally:
                 self.live.progress = (0, 0)  # also when the call fails: the GPU is idle again
             compute = time.perf_counter() - started
         metrics.images(len(chunk))
-        used = [
-            AdapterUsed(name=e.name.removeprefix("lora-"), version=e.version, scale=s)
-            for e, s in choices
-        ]
         timings = {
             "pipeline_s": round(compute, 4),
             "adapter_switch_s": round(switch, 4),
             "batch_images": len(chunk),
             "batch_requests": batch_requests,
+            "batch_adapter_sets": len(distinct),
         }
         return [
-            Pending(
-                request=requests[i],
-                seed=seed,
-                adapters=used,
-                base=self.base.tag,
-                encoded=self.encoder.submit(image, requests[i].output_format),
-                timings=timings,
+            self.pending(requests[i], seed, adapter_set, image, timings)
+            for (i, _), image, seed, adapter_set in zip(
+                chunk, images, image_seeds, sets, strict=True
             )
-            for (i, _), image, seed in zip(chunk, images, image_seeds, strict=True)
         ]
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResponse]:
@@ -335,6 +535,48 @@ class Engine:
         """Called by the pipeline after each denoising step: the UI shows it as progress."""
         self.live.progress = (step + 1, pipe.num_timesteps)
         return callback_kwargs
+
+    # -- image modes (service.image_modes): delegation only --------------------------------
+
+    @functools.cached_property
+    def image_modes(self) -> ImageModes:
+        from service.image_modes import ImageModes
+
+        return ImageModes(self)
+
+    def img2img(self, requests: Sequence[Img2ImgRequest]) -> list[GenerateResponse]:
+        return self.image_modes.run("img2img", requests)
+
+    def inpaint(self, requests: Sequence[InpaintRequest]) -> list[GenerateResponse]:
+        return self.image_modes.run("inpaint", requests)
+
+    def controlnet(self, requests: Sequence[ControlNetRequest]) -> list[GenerateResponse]:
+        return self.image_modes.run("controlnet", requests)
+
+    def handoff(self, requests: Sequence[RefinedRequest]) -> list[GenerateResponse]:
+        return self.image_modes.run("handoff", requests)
+
+    def refine(self, requests: Sequence[RefineRequest]) -> list[GenerateResponse]:
+        return self.image_modes.run("refine", requests)
+
+
+def adapter_used(entry: StoreEntry, scale: float) -> AdapterUsed:
+    """What a response says of an adapter it used: enough to ask for the same image again."""
+    return AdapterUsed(
+        name=entry.name.removeprefix("lora-"),
+        version=entry.version,
+        content_hash=entry.metadata.get("content_hash", ""),
+        scale=scale,
+    )
+
+
+def _key(adapter_set: Choices) -> tuple:
+    """What identifies an adapter set: each version's tag and scale."""
+    return tuple((entry.tag, scale) for entry, scale in adapter_set)
+
+
+def _names(adapter_set: Choices) -> str:
+    return "+".join(f"{e.name.removeprefix('lora-')}×{s:g}" for e, s in adapter_set) or "none"
 
 
 class AdapterGone(BentoMLException):

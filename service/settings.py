@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LORA_MODES = ("fused", "peft")
+SCHEDULING = ("request", "step")
 MINIMUMS = {
     "encode_workers": 0,
     "batch_window_ms": 0,
@@ -18,6 +19,10 @@ MINIMUMS = {
     "max_body_bytes": 1,
     "body_timeout_s": 1,
     "max_adapter_bytes": 1,
+    "adapter_watch_s": 0,
+    "mixed_max_rank": 0,
+    "adapter_device_bytes": 1,
+    "adapter_host_bytes": 1,
     "max_queue": 1,
     "max_queue_work": 1,
     "max_request_items": 1,
@@ -35,6 +40,10 @@ class Settings:
     clip: str = "clip-tiny"
     """BENTOLORA_CLIP: store tag of the CLIP model behind /score. Set it to an imported CLIP
     (e.g. clip-l) in production."""
+    refiner: str = ""
+    """BENTOLORA_REFINER: store tag of an SDXL refiner (`bentolora-models import-refiner`) for
+    /generate_with_refiner (the base hands off to it part-way) and /refine (image to image);
+    empty: none, and those answer 400. Loaded on first use, beside the base."""
     device: str = "auto"
     """BENTOLORA_DEVICE: cuda, cuda:N, cpu, or auto (cuda when present). cuda:N pins one GPU
     of several."""
@@ -63,6 +72,12 @@ class Settings:
     max_adapter_bytes: int = 2**30
     """BENTOLORA_MAX_ADAPTER_BYTES: size of one adapter's weights file at most (refused past
     it, with the reason in GET /adapters). Raise it for very high-rank adapters."""
+    adapter_watch_s: int = 10
+    """BENTOLORA_ADAPTER_WATCH_S: seconds between two looks at the model store for adapter
+    versions saved, deleted or denied since; a change is served (or withdrawn) without a restart
+    or an admin call. A look lists the adapter folders and re-selects only when they changed.
+    0 turns the watcher off (then only POST /adapters/reload and the admin routes change what is
+    served). On a shared store it is how replicas converge; lower it for faster roll-outs."""
     max_queue: int = 64
     """BENTOLORA_MAX_QUEUE: requests waiting or running per endpoint (/generate, /score); more
     are refused at once with 429 and Retry-After. About what the GPU serves within your
@@ -98,7 +113,8 @@ class Settings:
     process environment. Set it or BENTOLORA_TOKEN, not both."""
     admin_token: str = ""
     """BENTOLORA_ADMIN_TOKEN: bearer token for changing which adapters are loaded (POST
-    /adapters/reload; none: those routes are disabled). Set it to reload without a restart."""
+    /adapters/reload, /upload, /unload, /deny, /allow; none: those routes are disabled). Set it
+    to upload, unload or deny adapters on a running server."""
     admin_token_file: str = ""
     """BENTOLORA_ADMIN_TOKEN_FILE: file holding the admin token (a mounted secret). Set it or
     BENTOLORA_ADMIN_TOKEN, not both."""
@@ -115,6 +131,23 @@ class Settings:
     """BENTOLORA_LORA_MODE: fused merges the active adapters into the base weights in place (no
     cost per step, no recompilation on a switch); peft keeps diffusers' LoRA layers beside them
     (any format diffusers reads, e.g. DoRA; slower per step)."""
+    scheduling: str = "request"
+    """BENTOLORA_SCHEDULING: request runs a batch's whole pipeline call before the next batch;
+    step admits waiting requests into the running batch at every denoising step (each image
+    with its own steps, guidance, scheduler and adapters), so a request never waits for a
+    whole batch to finish. See README, "Request-level or step-level batching"."""
+    mixed_max_rank: int = 32
+    """BENTOLORA_MIXED_MAX_RANK: a batch whose requests use different adapter sets runs as one
+    pipeline call, each image with its own low-rank terms; this is the rank one set may have on
+    a layer (its adapters' ranks added up) to take part. Each adapted layer keeps
+    (BENTOLORA_MAX_BATCH_IMAGES + 1) × this many factor rows on the device. A set over it, or
+    with LoRA on convolutions, runs as its own call. 0: every set runs as its own call."""
+    adapter_device_bytes: int = 2**31
+    """BENTOLORA_ADAPTER_DEVICE_BYTES: adapters' factors kept on the GPU (float32; a rank-8
+    adapter on SDXL's attention is ~46 MB); least recently used leave first, to host memory."""
+    adapter_host_bytes: int = 2**33
+    """BENTOLORA_ADAPTER_HOST_BYTES: adapters' factors kept in host memory, to move to the GPU
+    without reading the store again; least recently used leave first."""
     compile: str = "off"
     """BENTOLORA_COMPILE: off, blocks (torch.compile of each UNet block: short compile) or unet
     (the whole UNet). Needs BENTOLORA_LORA_MODE=fused; pair it with BENTOLORA_WARMUP=1."""
@@ -165,6 +198,10 @@ class Settings:
 
     def _speed_problems(self) -> list[str]:
         problems = []
+        if self.scheduling not in SCHEDULING:
+            problems.append(
+                f"BENTOLORA_SCHEDULING={self.scheduling!r} is not one of {', '.join(SCHEDULING)}"
+            )
         if self.lora_mode not in LORA_MODES:
             problems.append(
                 f"BENTOLORA_LORA_MODE={self.lora_mode!r} is not one of {', '.join(LORA_MODES)}"

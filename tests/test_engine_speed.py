@@ -146,3 +146,25 @@ def test_served_with_encoder_processes_and_none_outlive_the_server(store, eager,
         stop_server(proc)
     _, alive = psutil.wait_procs(tree, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_the_recompile_limit_reaches_the_threads_that_run_the_model():
+    """torch keeps dynamo config overrides per thread: the limit compile_unet sets where the
+    UNet is compiled is not the one a server's worker thread sees, unless model_calls sets it."""
+    import threading
+
+    from models.pipeline_speed import model_calls
+
+    torch._dynamo.config.recompile_limit = 64
+    seen = {}
+
+    def worker():
+        seen["bare"] = torch._dynamo.config.recompile_limit
+        with model_calls(64):
+            seen["within"] = torch._dynamo.config.recompile_limit
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["within"] == 64
+    assert seen["bare"] in (8, 64)  # 8 where overrides are per thread (torch ≥ 2.12)
