@@ -275,6 +275,8 @@ def test_bad_inputs_are_refused_naming_the_field():
     with pytest.raises(pydantic.ValidationError) as err:
         Img2ImgRequest(prompt="x", image=image, original_size=(0, 64))
     assert errors(err)[0][0][0] == "original_size"
+    with pytest.raises(pydantic.ValidationError, match="go together"):
+        Img2ImgRequest(prompt="x", image=image, negative_original_size=(64, 64))
     ok = InpaintRequest(prompt="x", image=image, mask=image)
     assert (ok.width, ok.height, ok.strength) == (64, 64, 1.0)
     assert ok.micro_conditioning() == {}
