@@ -59,10 +59,10 @@ def import_controlnet(
     torch_dtype = parse_dtype(dtype)
     if Path(source).is_file():
         model = ControlNetModel.from_single_file(
-            source, config=single_file_config, torch_dtype=torch_dtype
+            source, config=single_file_config, dtype=torch_dtype
         )
     else:
-        model = ControlNetModel.from_pretrained(source, torch_dtype=torch_dtype)
+        model = ControlNetModel.from_pretrained(source, dtype=torch_dtype)
     return save_controlnet(model, name, source=source)
 
 

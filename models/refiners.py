@@ -50,7 +50,7 @@ def save_refiner(
 
 def import_refiner(source: str, name: str, *, dtype: str = "float16") -> StoreEntry:
     """A refiner from a hub id (stabilityai/stable-diffusion-xl-refiner-1.0) or folder."""
-    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(source, torch_dtype=parse_dtype(dtype))
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(source, dtype=parse_dtype(dtype))
     return save_refiner(pipe, name, source=source)
 
 
@@ -99,7 +99,7 @@ def build_tiny_refiner(
 def load_refiner(tag: str, *, dtype: torch.dtype, device: str) -> StableDiffusionXLImg2ImgPipeline:
     """Refiner `tag` from the store, on `device` in `dtype`; ValueError if it is not one."""
     entry = get_entry(tag, kind=KIND)
-    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(entry.path, torch_dtype=dtype)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(entry.path, dtype=dtype)
     if not pipe.config.get("requires_aesthetics_score") or pipe.text_encoder is not None:
         raise ValueError(f"{tag} is not an SDXL refiner (aesthetic score, second encoder only)")
     pipe.set_progress_bar_config(disable=True)
