@@ -464,6 +464,10 @@ class Client:
             time.sleep(poll_s)
         return _job_images(self._get(f"/job/get?task_id={task_id}"))
 
+    def controlnets(self) -> dict[str, Any]:
+        """The ControlNets /controlnet can use and the refiner served (GET /controlnets/)."""
+        return self._get("/controlnets/")
+
     def adapters(self) -> list[dict[str, Any]]:
         """The adapters the server serves, with their metadata (GET /adapters/)."""
         response = self._http.request("GET", "/adapters/")
@@ -729,6 +733,10 @@ class AsyncClient:
                 raise TimeoutError(f"job {task_id} still {state} after {timeout_s} s")
             await asyncio.sleep(poll_s)
         return _job_images(await self._get(f"/job/get?task_id={task_id}"))
+
+    async def controlnets(self) -> dict[str, Any]:
+        """The ControlNets /controlnet can use and the refiner served (GET /controlnets/)."""
+        return await self._get("/controlnets/")
 
     async def adapters(self) -> list[dict[str, Any]]:
         """The adapters the server serves, with their metadata (GET /adapters/)."""

@@ -149,6 +149,10 @@ def test_controlnet_over_http_equals_plain_diffusers(server, client):
     want = controlnet_peer_image(pipe, "a road", edges(4), 3, 0.7)
     assert np.abs(pixels(got.image) - want).max() <= TOLERANCE
     assert got.settings["controlnet"] == {"name": "tiny", "scale": 0.7}
+    listing = client.controlnets()
+    assert listing["refiner"] == "sdxl-tiny-refiner"
+    [row] = [c for c in listing["controlnets"] if c["name"] == "tiny"]
+    assert row["version"] == get_controlnet("tiny").version
     body = {"prompt": "x", **SMALL, "controlnet": {"name": "nope", "image": b64(edges(4))}}
     with pytest.raises(urllib.error.HTTPError) as err:
         post(server, "/controlnet", [body])
