@@ -209,15 +209,7 @@ class Engine:
         Requests validated before keep the versions they were validated against."""
         with self._lock:  # the checks read the pipeline's layers
             found = select_adapters(self.pipe, self.base, self.settings)
-            snapshot = replace(
-                self.state.snapshot,
-                adapters=found.served,
-                refused_adapters=found.refused,
-                foreign_adapters=found.foreign,
-            )
-            self.state.publish(snapshot)
-        log.info("adapters reloaded: %d served, %d refused", len(found.served), len(found.refused))
-        return snapshot
+        return self.serve_adapters(found)
 
     def serve_adapters(self, found: StoreAdapters, forget: Iterable[str] = ()) -> ServedSnapshot:
         """Publish `found` (a selection made off the pipeline, by service.store_watcher) and drop

@@ -23,6 +23,7 @@ its request gets served alone to within 2/255, whatever joined or left the batch
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import inspect
 import logging
@@ -37,6 +38,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from service import metrics
+from service.batcher import ClientGone
 from service.schedulers import make_scheduler
 
 if TYPE_CHECKING:
@@ -480,10 +482,6 @@ class StepQueue:
         self.endpoint = endpoint
 
     async def submit(self, items: Sequence[Any], gone: Any = None) -> list:
-        import asyncio
-
-        from service.batcher import ClientGone
-
         if not items:
             return []
         future = asyncio.wrap_future(self.engine.submit(items))
