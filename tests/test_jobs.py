@@ -49,6 +49,19 @@ def test_a_job_equals_the_same_requests_done_synchronously(engine):  # noqa: F81
     assert progress["images_done"] == progress["images_total"] == 4
     # three calls (the groups: steps 4 without adapter, steps 3 with it): 4 + 3 steps
     assert progress["steps_done"] == 7
+    assert progress["preview"] is None  # no call reached PREVIEW_EVERY steps
+
+
+def test_a_running_job_shows_a_preview_from_its_latents(engine):  # noqa: F811
+    import base64
+    import io
+
+    from PIL import Image
+
+    board = JobBoard()
+    run_job(board, engine, "t6", [GenerateRequest(prompt="x", seed=1, steps=6, **SMALL)])
+    preview = Image.open(io.BytesIO(base64.b64decode(board.get("t6").progress()["preview"])))
+    assert preview.format == "PNG" and preview.size == (8, 8)  # 64 px / the VAE's 8
 
 
 def wait_for(condition, timeout_s: float = 120) -> None:
