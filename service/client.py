@@ -163,21 +163,19 @@ def _mode_request(
     return body
 
 
+Controls = Sequence[tuple[str, Image.Image, float]]
+"""(ControlNet name, conditioning image, scale) for each ControlNet of a /controlnet request."""
+
+
 def _control_request(
-    prompt: str,
-    image: Image.Image,
-    name: str,
-    scale: float | None,
-    adapters: Adapters | None,
-    fields: dict,
+    prompt: str, controls: Controls, adapters: Adapters | None, fields: dict
 ) -> dict:
     """The body of one /controlnet request."""
-    skip = (*MODE_ONLY, "control_image", "controlnet", "scale")
+    skip = (*MODE_ONLY, "controls")
     body = _request(prompt, adapters, {k: v for k, v in fields.items() if k not in skip})
-    control: dict[str, Any] = {"name": name, "image": _encode(image)}
-    if scale is not None:
-        control["scale"] = scale
-    body["requests"][0]["controlnet"] = control
+    body["requests"][0]["controlnets"] = [
+        {"name": name, "image": _encode(image), "scale": scale} for name, image, scale in controls
+    ]
     return body
 
 
@@ -348,10 +346,8 @@ class Client:
     def controlnet(
         self,
         prompt: str,
-        control_image: Image.Image,
-        controlnet: str,
+        controls: Controls,
         *,
-        scale: float | None = None,
         negative_prompt: str | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -369,10 +365,11 @@ class Client:
         negative_crops_coords_top_left: Size | None = None,
         negative_target_size: Size | None = None,
     ) -> list[Generated]:
-        """Images for `prompt` that follow `control_image` (of the output's aspect ratio)
-        through the stored ControlNet `controlnet` (POST /controlnet); `scale` 0 gives the plain
-        image. The other fields as generate's."""
-        body = _control_request(prompt, control_image, controlnet, scale, adapters, dict(locals()))
+        """Images for `prompt` that follow each of `controls`' conditioning images (of the
+        output's aspect ratio) through its stored ControlNet at its scale (POST /controlnet;
+        [(name, image, scale)], up to 3; scale 0 gives the plain image). The other fields as
+        generate's."""
+        body = _control_request(prompt, controls, adapters, dict(locals()))
         return _images(self._post("/controlnet", body))
 
     def generate_with_refiner(
@@ -618,10 +615,8 @@ class AsyncClient:
     async def controlnet(
         self,
         prompt: str,
-        control_image: Image.Image,
-        controlnet: str,
+        controls: Controls,
         *,
-        scale: float | None = None,
         negative_prompt: str | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -639,10 +634,11 @@ class AsyncClient:
         negative_crops_coords_top_left: Size | None = None,
         negative_target_size: Size | None = None,
     ) -> list[Generated]:
-        """Images for `prompt` that follow `control_image` (of the output's aspect ratio)
-        through the stored ControlNet `controlnet` (POST /controlnet); `scale` 0 gives the plain
-        image. The other fields as generate's."""
-        body = _control_request(prompt, control_image, controlnet, scale, adapters, dict(locals()))
+        """Images for `prompt` that follow each of `controls`' conditioning images (of the
+        output's aspect ratio) through its stored ControlNet at its scale (POST /controlnet;
+        [(name, image, scale)], up to 3; scale 0 gives the plain image). The other fields as
+        generate's."""
+        body = _control_request(prompt, controls, adapters, dict(locals()))
         return _images(await self._post("/controlnet", body))
 
     async def generate_with_refiner(

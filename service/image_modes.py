@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from diffusers import (
+    MultiControlNetModel,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
@@ -116,6 +117,7 @@ class ImageModes:
     def __init__(self, engine: Any):
         self.engine = engine
         self._pipes: dict[str, Any] = {}
+        self._controlnets: dict[str, Any] = {}
         self._refiner: Any = None
         self._refiner_lock = threading.Lock()
 
@@ -139,9 +141,9 @@ class ImageModes:
             return self._refiner
 
     def pipe(self, mode: str, request: Any = None) -> Any:
-        """The pipeline of `mode` (for "controlnet", with `request`'s ControlNet)."""
+        """The pipeline of `mode` (for "controlnet", with `request`'s ControlNets)."""
         if mode == "controlnet":
-            return self._controlnet_pipe(request.controlnet.name)
+            return self._controlnet_pipe(tuple(c.name for c in request.controlnets))
         if mode == "refine":
             return self.refiner()
         if mode == "handoff":
@@ -153,22 +155,33 @@ class ImageModes:
             self._pipes[mode] = made
         return self._pipes[mode]
 
-    def _controlnet_pipe(self, name: str) -> Any:
-        """The base's components with ControlNet `name` (loaded once, kept on the device; the
-        version the store holds when it is first used)."""
-        key = f"controlnet:{name}"
+    def _controlnet_pipe(self, names: tuple[str, ...]) -> Any:
+        """The base's components with the ControlNets `names` (one, or diffusers'
+        MultiControlNet of several)."""
+        key = f"controlnet:{'+'.join(names)}"
         if key not in self._pipes:
+            models = [self._controlnet(name) for name in names]
+            control = models[0] if len(models) == 1 else MultiControlNetModel(models)
+            made = StableDiffusionXLControlNetPipeline.from_pipe(
+                self.engine.pipe, controlnet=control
+            )
+            made.set_progress_bar_config(disable=True)
+            self._pipes[key] = made
+        return self._pipes[key]
+
+    def _controlnet(self, name: str) -> Any:
+        """ControlNet `name`, loaded once and kept on the device (the version the store holds
+        when it is first used)."""
+        if name not in self._controlnets:
             from models.controlnets import get_controlnet, load_controlnet
             from models.store import StoreError
 
             try:
                 model = load_controlnet(get_controlnet(name), self.engine.pipe.unet)
             except (StoreError, ValueError) as err:
-                raise InvalidArgument(f"controlnet.name: {err}") from None
-            made = StableDiffusionXLControlNetPipeline.from_pipe(self.engine.pipe, controlnet=model)
-            made.set_progress_bar_config(disable=True)
-            self._pipes[key] = made
-        return self._pipes[key]
+                raise InvalidArgument(f"controlnets: {err}") from None
+            self._controlnets[name] = model
+        return self._controlnets[name]
 
     def run(
         self,
@@ -313,8 +326,12 @@ def adapter_used(entry: Any, scale: float) -> Any:
 
 
 def _control_key(request: Any) -> tuple:
-    control = getattr(request, "controlnet", None)
-    return (control.name, control.scale) if control is not None else ()
+    """A call's ControlNets and scales; with several, also the request: diffusers'
+    MultiControlNet takes one set of conditioning images per call, so only the images of one
+    request (which share theirs) can share a call."""
+    controls = getattr(request, "controlnets", ())
+    key = tuple((c.name, c.scale) for c in controls)
+    return (*key, id(request)) if len(controls) > 1 else key
 
 
 def _key(adapter_set: tuple) -> tuple:
@@ -367,6 +384,15 @@ class Call:
     def inputs(self, attribute: str) -> list:
         return [getattr(self.requests[i], attribute) for i, _ in self.chunk]
 
+    def _control_arguments(self) -> dict[str, Any]:
+        """One ControlNet: its images (one per image of the call) and scale; several: the one
+        request's image per ControlNet and their scales (see `_control_key`)."""
+        controls = self.inputs("_controls")  # per image: one per ControlNet
+        scales = [c.scale for c in self.first.controlnets]
+        if len(scales) == 1:
+            return {"image": [c[0] for c in controls], "controlnet_conditioning_scale": scales[0]}
+        return {"image": list(controls[0]), "controlnet_conditioning_scale": scales}
+
     def inputs_of_requests(self) -> list:
         return [self.requests[i] for i in dict.fromkeys(i for i, _ in self.chunk)]
 
@@ -382,10 +408,7 @@ class Call:
         if self.mode in ("img2img", "inpaint", "refine"):
             arguments |= {"image": self.inputs("_image"), "strength": first.strength}
         if self.mode == "controlnet":
-            arguments |= {
-                "image": self.inputs("_control"),
-                "controlnet_conditioning_scale": first.controlnet.scale,
-            }
+            arguments |= self._control_arguments()
         if self.mode not in ("img2img", "refine"):  # these take the image's size
             arguments |= {"width": first.width, "height": first.height}
         if self.mode == "inpaint":
@@ -418,7 +441,12 @@ def vae_round_trip(pipe: Any, images: list, generators: list[torch.Generator]) -
     return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
-NOT_SETTINGS: Any = {"adapters": True, "image": True, "mask": True, "controlnet": {"image"}}
+NOT_SETTINGS: Any = {
+    "adapters": True,
+    "image": True,
+    "mask": True,
+    "controlnets": {"__all__": {"image"}},
+}
 """Request fields a response's settings leave out: adapters (listed apart), client images."""
 
 

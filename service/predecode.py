@@ -27,6 +27,8 @@ MAX_IMAGES_PER_REQUEST = 16
 """ScoreRequest's limit: a request with more is refused by validation before any decoding, so
 its images are not decoded in advance either."""
 IMAGE_FIELDS = ("image", "mask")
+MAX_CONTROLNETS = 3
+"""ControlNetRequest's limit (service.schemas.MAX_CONTROLNETS)."""
 """Fields of /img2img and /inpaint entries holding one base64 image each."""
 DECODE_THREADS = 2
 """Worker threads decoding at once, across requests (not the threads health checks use)."""
@@ -114,7 +116,8 @@ def image_texts(body: bytes) -> list[str]:
             texts.extend(text for text in found if isinstance(text, str))
         # /img2img and /inpaint (service.image_modes): one init image, and a mask
         texts.extend(request[k] for k in IMAGE_FIELDS if isinstance(request.get(k), str))
-        control = request.get("controlnet")  # /controlnet: its conditioning image
-        if isinstance(control, dict) and isinstance(control.get("image"), str):
-            texts.append(control["image"])
+        controls = request.get("controlnets")  # /controlnet: the conditioning images
+        for control in controls[:MAX_CONTROLNETS] if isinstance(controls, list) else []:
+            if isinstance(control, dict) and isinstance(control.get("image"), str):
+                texts.append(control["image"])
     return texts

@@ -32,6 +32,7 @@ SMALL = {"width": 64, "height": 64, "steps": 4, "guidance": 5.0}
 @pytest.fixture(scope="module")
 def controlnet(tiny_base):
     assert models_cli(["build-tiny-controlnet", "--base", "sdxl-tiny", "--name", "tiny"]) == 0
+    assert models_cli(["build-tiny-controlnet", "--name", "tiny2", "--seed", "1"]) == 0
     return get_controlnet("tiny")
 
 
@@ -59,7 +60,7 @@ def request(prompt: str, control, seed: int, scale: float = 1.0, **fields) -> Co
     return ControlNetRequest(
         prompt=prompt,
         seed=seed,
-        controlnet={"name": "tiny", "image": b64(control), "scale": scale},
+        controlnets=[{"name": "tiny", "image": b64(control), "scale": scale}],
         **(SMALL | fields),
     )
 
@@ -116,26 +117,30 @@ def test_scale_0_is_the_plain_image_and_a_scale_changes_it(engine):  # noqa: F81
 
 def test_bad_input_is_refused_naming_the_field(controlnet):
     control = b64(edges(1))
+    tiny = {"name": "tiny", "image": control}
     cases = [
-        ({"name": "nope", "image": control}, ("controlnet", "name"), "unknown ControlNet 'nope'"),
-        ({"name": "tiny", "image": control, "scale": 3}, ("controlnet", "scale"), "2"),
-        ({"name": "tiny", "image": "aGVsbG8="}, (), "controlnet.image: image does not decode"),
+        ([{"name": "nope", "image": control}], ("controlnets", 0, "name"), "unknown ControlNet"),
+        ([tiny, {**tiny, "name": "tiny2", "scale": 3}], ("controlnets", 1, "scale"), "2"),
+        ([{"name": "tiny", "image": "aGVsbG8="}], (), "controlnets[0].image: image does not"),
         (
-            {"name": "tiny", "image": b64(edges(1, (128, 32)))},
+            [tiny, {"name": "tiny2", "image": b64(edges(1, (128, 32)))}],
             (),
-            "controlnet.image: 128x32 is far from the output's 64x64",
+            "controlnets[1].image: 128x32 is far from the output's 64x64",
         ),
+        ([tiny, tiny], (), "each ControlNet at most once"),
+        ([], ("controlnets",), "at least 1"),
+        ([tiny] * 4, ("controlnets",), "at most 3"),
     ]
-    for fields, loc, message in cases:
+    for controls, loc, message in cases:
         with pytest.raises(pydantic.ValidationError) as err:
-            ControlNetRequest(prompt="x", controlnet=fields, **SMALL)
+            ControlNetRequest(prompt="x", controlnets=controls, **SMALL)
         [(got_loc, got)] = errors(err)
         assert got_loc == loc and message in got, (got_loc, got)
     # the output's aspect ratio at another size is fine (diffusers resizes it)
     ok = ControlNetRequest(
-        prompt="x", controlnet={"name": "tiny", "image": b64(edges(1, (128, 128)))}, **SMALL
+        prompt="x", controlnets=[{"name": "tiny", "image": b64(edges(1, (128, 128)))}], **SMALL
     )
-    assert ok._control.size == (128, 128) and "tiny" in controlnet_names()
+    assert ok._controls[0].size == (128, 128) and "tiny" in controlnet_names()
 
 
 def test_a_controlnet_of_another_shape_is_refused(controlnet, engine):  # noqa: F811
@@ -159,10 +164,48 @@ def test_the_clients_take_the_request_fields(controlnet):
 
     from service.client import AsyncClient, Client, _control_request
 
-    fields = set(ControlNetRequest.model_fields) - {"controlnet"}
+    fields = set(ControlNetRequest.model_fields) - {"controlnets"}
     for cls in (Client, AsyncClient):
         params = set(inspect.signature(cls.controlnet).parameters) - {"self"}
-        assert params == fields | {"control_image", "controlnet", "scale"}, params ^ fields
-    [body] = _control_request("x", edges(1), "tiny", 0.5, None, {"seed": 2, **SMALL})["requests"]
+        assert params == fields | {"controls"}, params ^ fields
+    controls = [("tiny", edges(1), 0.5), ("tiny2", edges(2), 1.5)]
+    [body] = _control_request("x", controls, None, {"seed": 2, **SMALL})["requests"]
     parsed = ControlNetRequest(**body)
-    assert parsed.controlnet.scale == 0.5 and parsed.seed == 2
+    assert [c.scale for c in parsed.controlnets] == [0.5, 1.5] and parsed.seed == 2
+
+
+def test_several_controlnets_equal_diffusers_multicontrolnet(engine, tiny_base, controlnet):  # noqa: F811
+    from tests.service_helpers import pixels
+
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        tiny_base.path,
+        controlnet=[
+            ControlNetModel.from_pretrained(get_controlnet(name).path) for name in ("tiny", "tiny2")
+        ],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(
+        "a harbour",
+        image=[edges(5), edges(6)],
+        controlnet_conditioning_scale=[0.6, 1.2],
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(8),
+    ).images[0]
+    two = ControlNetRequest(
+        prompt="a harbour",
+        seed=8,
+        controlnets=[
+            {"name": "tiny", "image": b64(edges(5)), "scale": 0.6},
+            {"name": "tiny2", "image": b64(edges(6)), "scale": 1.2},
+        ],
+        **SMALL,
+    )
+    other = two.model_copy(update={"prompt": "a boat", "seed": 1, "num_images": 2})
+    other._controls = [edges(7), edges(8)]
+    got = served(engine, [other, two])
+    assert len(got) == 3 and np.abs(got[2] - pixels(want)).max() <= TOLERANCE
+    [one] = served(engine, [request("a harbour", edges(5), 8, 0.6)])
+    assert np.abs(got[2] - one).max() > 2 * TOLERANCE  # the second ControlNet took part

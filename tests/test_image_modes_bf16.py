@@ -45,14 +45,14 @@ def bf16_engine(tiny_base):
 
 def test_every_mode_runs_in_bfloat16(bf16_engine):
     image, small = b64(picture(1)), {"steps": 4, "seed": 1}
-    control = {"name": "tiny", "image": image}
+    control = [{"name": "tiny", "image": image}]
     cases = [
         ("img2img", Img2ImgRequest(prompt="x", image=image, **small), 3),
         ("img2img", Img2ImgRequest(prompt="x", image=image, strength=0, **small), 0),
         ("inpaint", InpaintRequest(prompt="x", image=image, mask=b64(half_mask()), **small), 4),
         (
             "controlnet",
-            ControlNetRequest(prompt="x", width=64, height=64, controlnet=control, **small),
+            ControlNetRequest(prompt="x", width=64, height=64, controlnets=control, **small),
             4,
         ),
         ("handoff", RefinedRequest(prompt="x", width=64, height=64, **small), 4),

@@ -144,16 +144,16 @@ def test_controlnet_over_http_equals_plain_diffusers(server, client):
     )
     pipe.set_progress_bar_config(disable=True)
     [got] = client.controlnet(
-        "a road", edges(4), "tiny", scale=0.7, seed=3, width=64, height=64, **SMALL
+        "a road", [("tiny", edges(4), 0.7)], seed=3, width=64, height=64, **SMALL
     )
     want = controlnet_peer_image(pipe, "a road", edges(4), 3, 0.7)
     assert np.abs(pixels(got.image) - want).max() <= TOLERANCE
-    assert got.settings["controlnet"] == {"name": "tiny", "scale": 0.7}
+    assert got.settings["controlnets"] == [{"name": "tiny", "scale": 0.7}]
     listing = client.controlnets()
     assert listing["refiner"] == "sdxl-tiny-refiner"
     [row] = [c for c in listing["controlnets"] if c["name"] == "tiny"]
     assert row["version"] == get_controlnet("tiny").version
-    body = {"prompt": "x", **SMALL, "controlnet": {"name": "nope", "image": b64(edges(4))}}
+    body = {"prompt": "x", **SMALL, "controlnets": [{"name": "nope", "image": b64(edges(4))}]}
     with pytest.raises(urllib.error.HTTPError) as err:
         post(server, "/controlnet", [body])
     assert err.value.code == 400 and "unknown ControlNet 'nope'" in err.value.read().decode()
