@@ -258,7 +258,7 @@ class ImageModes:
     def _call(self, call: Call, on_step: StepCallback | None) -> list[Pending]:
         engine = self.engine
         pipe = self.pipe(call.mode, call.first)  # a ControlNet is loaded outside the lock
-        with engine._lock:
+        with engine._lock, engine.model_calls():  # the compiled UNet's limits, this thread
             started = time.perf_counter()
             if call.mode != "refine":  # the refiner has its own UNet, no adapters
                 engine.adapters.activate(call.adapters)

@@ -349,3 +349,44 @@ def test_a_call_whose_clients_all_left_stops_at_the_next_step(engine):
     assert response.images == [] and steps == [0, 1, 2]  # step 3 ran, then the call stopped
     assert engine._lock.acquire(timeout=1)
     engine._lock.release()
+
+
+def test_image_modes_interleave_with_step_scheduled_generation(edit_style):
+    """With BENTOLORA_SCHEDULING=step, /generate's images advance a step at a time under the
+    engine's pipeline lock while an img2img call (another adapter set) takes the lock between
+    two of their steps: each gets the image it gets alone (the adapters are re-activated by
+    whoever holds the lock)."""
+    import concurrent.futures
+
+    from service.schemas import GenerateRequest
+
+    step_engine = Engine(
+        Settings(
+            base="sdxl-tiny",
+            clip="clip-tiny",
+            device="cpu",
+            ui=False,
+            warmup=False,
+            scheduling="step",
+        )
+    )
+    try:
+        styled = [{"name": "edit-style", "scale": 1.0}]
+        generate = GenerateRequest(
+            prompt="a hill", seed=3, width=64, height=64, steps=30, adapters=styled
+        )
+        edit = img2img("a lake", picture(11), seed=4, strength=1.0, steps=8)
+        [alone_generated] = step_engine.generate([generate])[0].images
+        [alone_edited] = served(step_engine, "img2img", [edit])
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(step_engine.generate, [generate])
+            while step_engine.live.progress[0] < 3:  # generation under way
+                pass
+            [edited] = served(step_engine, "img2img", [edit])
+            assert not future.done()  # the edit ran between two of the generation's steps
+            [generated] = future.result(timeout=300)[0].images
+        assert np.abs(edited - alone_edited).max() <= TOLERANCE
+        assert np.abs(pixels(generated.image) - pixels(alone_generated.image)).max() <= TOLERANCE
+    finally:
+        step_engine.steps.stop()
+        step_engine.encoder.close()
