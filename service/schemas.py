@@ -269,7 +269,7 @@ DEFAULT_STRENGTH = 0.8
 JobDeadline = Annotated[
     float | None,
     Field(
-        gt=0,
+        ge=1,
         le=7 * 86400,
         allow_inf_nan=False,
         description="seconds from submission after which the job stops (within a denoising "
@@ -298,6 +298,16 @@ class MicroConditioning(BaseModel):
     negative_original_size: SizePair | None = None
     negative_crops_coords_top_left: CropPair | None = None
     negative_target_size: SizePair | None = None
+
+    @model_validator(mode="after")
+    def negative_sizes_together(self) -> MicroConditioning:
+        # diffusers uses the negative sizes only when both are given (else the positive ones)
+        if (self.negative_original_size is None) != (self.negative_target_size is None):
+            raise ValueError(
+                "negative_original_size and negative_target_size go together: send both "
+                "(or neither, and the negative side takes the positive sizes)"
+            )
+        return self
 
     def micro_conditioning(self) -> dict[str, tuple[int, int]]:
         """The fields set, as the pipeline's keyword arguments."""
@@ -385,33 +395,45 @@ ASPECT_TOLERANCE = 0.05
 """How far (relative) a conditioning image's aspect ratio may be from the output's."""
 
 
-class ControlNetRequest(MicroConditioning, GenerateRequest):
-    """/controlnet: a /generate request that follows the structure of `controlnet.image`."""
+MAX_CONTROLNETS = 3
 
-    controlnet: ControlChoice
-    _control: Any = PrivateAttr(default=None)
+
+class ControlNetRequest(MicroConditioning, GenerateRequest):
+    """/controlnet: a /generate request that follows the structure of each of `controlnets`'
+    images (several: diffusers' MultiControlNet, their residuals summed by scale)."""
+
+    controlnets: Annotated[list[ControlChoice], Field(min_length=1, max_length=MAX_CONTROLNETS)]
+    _controls: list = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
-    def control_image(self) -> ControlNetRequest:
-        image = _decoded(self, "controlnet.image", self.controlnet.image, check_size=False)
+    def control_images(self) -> ControlNetRequest:
+        names = [c.name for c in self.controlnets]
+        if len(set(names)) != len(names):
+            raise ValueError("controlnets: each ControlNet at most once")
+        self._controls = [self._control_image(i, c.image) for i, c in enumerate(self.controlnets)]
+        return self
+
+    def _control_image(self, index: int, text: str) -> Any:
+        field = f"controlnets[{index}].image"
+        image = _decoded(self, field, text, check_size=False)
         want, got = self.width / self.height, image.width / image.height
         if abs(got - want) > ASPECT_TOLERANCE * want:
             raise ValueError(
-                f"controlnet.image: {image.width}x{image.height} is far from the output's "
+                f"{field}: {image.width}x{image.height} is far from the output's "
                 f"{self.width}x{self.height} (aspect ratio {got:.3g}, not {want:.3g}); send it "
                 "at the output's size or aspect ratio"
             )
-        self._control = image
-        return self
+        return image
 
 
 Handoff = Annotated[
     float,
     Field(
-        gt=0.0,
-        lt=1.0,
+        ge=0.0,
+        le=1.0,
         allow_inf_nan=False,
-        description="fraction of the schedule the base denoises before the refiner takes over",
+        description="fraction of the schedule the base denoises before the refiner takes over; "
+        "strictly between 0 and 1",
     ),
 ]
 
@@ -428,6 +450,17 @@ class RefinedRequest(MicroConditioning, GenerateRequest):
     base, `denoising_start` on the refiner)."""
 
     handoff: Handoff = 0.8
+
+    @field_validator("handoff")
+    @classmethod
+    def strictly_inside(cls, handoff: float) -> float:
+        # not gt/lt: OpenAPI 3.0 (BentoML's schema) has no numeric exclusive bounds
+        if handoff in (0.0, 1.0):
+            raise ValueError(
+                "handoff must be strictly between 0 and 1 (the base and the "
+                "refiner each take part of the steps); use /generate for the base alone"
+            )
+        return handoff
 
     @model_validator(mode="after")
     def has_refiner(self) -> RefinedRequest:

@@ -13,6 +13,7 @@ from service.drain import Drain
 from service.http_extras import adapter_routes
 from service.jobs import JOB_SCALE, JobBoard, JobGate, jobs_app
 from service.middleware import install_middleware
+from service.mode_routes import controlnet_routes
 from service.schemas import (
     GenerateResponse,
     JobDeadline,
@@ -51,6 +52,7 @@ def running_watcher():
 
 
 @bentoml.asgi_app(jobs_app(JOBS), path="/jobs")
+@bentoml.asgi_app(controlnet_routes(lambda: SETTINGS.refiner), path="/controlnets")
 @bentoml.asgi_app(adapter_routes(STATE, running_watcher), path="/adapters")
 @bentoml.service(
     name="bentolora",
