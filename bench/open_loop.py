@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import replace
 
-from bench.measure import Row, percentile
+from bench.measure import Row, peak_memory, percentile, reset_peak
 from bench.pipelines import Workload, engine_requests, make_engine
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,12 @@ def open_loop_rows(
         try:
             entry = for_engine(engine, engine.settings).generate
             make = _request_maker(work, adapters)
-            rows += asyncio.run(_mode_rows(mode, entry, make, batch, loads, requests, capacity))
+            reset_peak(device)
+            mode_rows = asyncio.run(_mode_rows(mode, entry, make, batch, loads, requests, capacity))
+            memory, kind = peak_memory(device)
+            for row in mode_rows:
+                row.peak_memory_gb, row.memory_kind = memory, kind
+            rows += mode_rows
         finally:
             if engine.steps is not None:
                 engine.steps.stop()

@@ -298,7 +298,8 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
         from bench.open_loop import open_loop_rows
 
         with section("open loop"):
-            rows.extend(
+            _add(
+                rows,
                 open_loop_rows(
                     device,
                     args.batch,
@@ -307,7 +308,9 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
                     args.open_loop,
                     args.open_loop_requests,
                     {k: v for k, v in speed.items() if k != "warmup"} or None,
-                )
+                ),
+                flops,
+                work,
             )
         _free()
         save()
@@ -353,8 +356,8 @@ def _flops(pipe, args) -> dict[str, float]:
 def _batch_baseline(row, work) -> str:
     """Batch-1 rows and one-at-a-time HTTP compare with eager batch 1; the engine's adapter rows
     with the same engine without an adapter (the cost of serving one); the rest with eager."""
-    if row.baseline:  # set where the row was made (the mixed-traffic rows)
-        return row.baseline
+    if row.baseline or row.section == "open loop":  # set where the row was made
+        return row.baseline or row.name
     for marker in (" + LoRA,", ", LoRA switching a/b,"):
         if row.name.startswith("engine") and marker in row.name:
             return row.name.replace(marker, ",")

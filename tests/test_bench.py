@@ -21,12 +21,25 @@ ROWS = [
     "engine, batch 2",
     "engine + LoRA, batch 2",
     "engine, LoRA switching a/b, batch 2",
+    "engine, batch 2, 1 adapters in the traffic",
+    "engine, batch 2, 2 adapters in the traffic",
     "engine (fuse_qkv, channels_last), batch 1",
     "engine (fuse_qkv, channels_last), batch 2",
     "engine (fuse_qkv, channels_last) + LoRA, batch 2",
     "engine (fuse_qkv, channels_last), LoRA switching a/b, batch 2",
+    "engine (fuse_qkv, channels_last), batch 2, 1 adapters in the traffic",
+    "engine (fuse_qkv, channels_last), batch 2, 2 adapters in the traffic",
+    "engine (grouped by set), batch 2, 1 adapters in the traffic",
+    "engine (grouped by set), batch 2, 2 adapters in the traffic",
     "HTTP service, concurrency 1, 2 adapters mixed",
     "HTTP service, concurrency 2, 2 adapters mixed",
+    "HTTP service, concurrency 2, 1 adapters mixed",
+    "open loop, request, one request alone",
+    "open loop, request, saturation (4 at once)",
+    "open loop, request, 50% load",
+    "open loop, step, one request alone",
+    "open loop, step, saturation (4 at once)",
+    "open loop, step, 50% load",
     "plain peft loop, r16, batch 2",
     "project train, r16, batch 2",
 ]
@@ -38,6 +51,7 @@ def test_bench_runs_on_cpu_with_the_tiny_model(tmp_path):
     command = [sys.executable, "-m", "bench.run", "--device", "cpu", "--size", "64"]
     command += ["--steps", "2", "--batch", "2", "--concurrency", "1,2", "--requests", "2"]
     command += ["--repeats", "1", "--train-steps", "1", "--out", str(out)]
+    command += ["--mixed-adapters", "1,2", "--open-loop", "0.5", "--open-loop-requests", "2"]
     # The speed options that need no compiler (compiling is tested in test_engine_speed).
     command += ["--speed", "fuse_qkv,channels_last", "--profile"]
     # About 2 min on 2 cores; the bound only stops a hang (a server that never gets ready).
