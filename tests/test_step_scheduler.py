@@ -18,22 +18,21 @@ from service.engine import Engine
 from service.images import decode
 from service.schemas import GenerateRequest
 from service.settings import Settings
+from service.step_scheduler import StepQueue
 
 
 def engine(**options) -> Engine:
-    return Engine(
-        Settings(base="sdxl-tiny", clip="clip-tiny", device="cpu", ui=False, **options)
-    )
+    return Engine(Settings(base="sdxl-tiny", clip="clip-tiny", device="cpu", ui=False, **options))
 
 
 def request(i: int, **fields) -> GenerateRequest:
-    adapters = fields.pop("adapters", [])
+    chosen = fields.pop("adapters", [])
     return GenerateRequest(
         prompt=f"a circle number {i}",
         width=64,
         height=64,
         seed=500 + i,
-        adapters=[{"name": n, "scale": s} for n, s in adapters],
+        adapters=[{"name": n, "scale": s} for n, s in chosen],
         **fields,
     )
 
@@ -132,7 +131,7 @@ def test_the_service_feeds_the_scheduler_directly(adapters):  # noqa: F811
 
     stepped = engine(scheduling="step")
     batches = batcher.for_engine(stepped, stepped.settings)
-    assert isinstance(batches.generate, __import__("service.step_scheduler").step_scheduler.StepQueue)
+    assert isinstance(batches.generate, StepQueue)
 
     async def two():
         return await asyncio.gather(
