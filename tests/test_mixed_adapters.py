@@ -147,9 +147,21 @@ def test_compiled_mixed_batches_never_recompile(adapters):
     assert counters["stats"]["unique_graphs"] == before
 
 
-def test_tiers_stay_within_their_bounds_over_200_adapters(tiny_base):
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_base.path)
+@pytest.fixture
+def many_adapters(tiny_base):
+    """200 adapters, deleted afterwards: the session's store is shared, and every server
+    started later would otherwise verify and list them all (the UI's adapter list too)."""
+    import bentoml
+
     entries = [one_layer_adapter(f"tier-{i}", tiny_base, 0.01 + i * 1e-4) for i in range(200)]
+    yield entries
+    for entry in entries:
+        bentoml.models.delete(entry.tag)
+
+
+def test_tiers_stay_within_their_bounds_over_200_adapters(tiny_base, many_adapters):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_base.path)
+    entries = many_adapters
     probe = AdapterCache(pipe, tiny_base)
     probe.prefetch(((entries[0], 1.0),))
     one = probe.device_bytes()
