@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
 
 Choices = tuple[tuple[StoreEntry, float], ...]
 PEFT_LOADED = 16
+
+
+def set_key(choices: Choices) -> tuple:
+    """What identifies an adapter set: each version's tag and scale (StoreEntry is unhashable)."""
+    return tuple((entry.tag, scale) for entry, scale in choices)
+
+
 """Adapters kept loaded as peft layers (BENTOLORA_LORA_MODE=peft)."""
 
 
@@ -237,7 +244,7 @@ class AdapterCache:
         if self.mixed is None:
             raise ValueError("mixed adapter sets need BENTOLORA_LORA_MODE=fused")
         started = time.perf_counter()
-        keys = tuple(tuple((e.tag, s) for e, s in c) for c in sets)
+        keys = tuple(set_key(c) for c in sets)
         if keys != self._mixed_keys or self._fused.active:
             loaded = [tuple((self._factors(e), s) for e, s in c) for c in sets]
             with self._lock:

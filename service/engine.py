@@ -42,7 +42,7 @@ from models.lora_batched import PerImageLora
 from models.pipeline_speed import model_calls, speed_up
 from models.store import StoreEntry
 from service import metrics
-from service.adapter_cache import AdapterCache
+from service.adapter_cache import AdapterCache, set_key
 from service.adapter_selection import StoreAdapters, select_adapters
 from service.encoder import Encoded, Encoder
 from service.schedulers import make_scheduler
@@ -373,7 +373,7 @@ class Engine:
     ) -> list[list[tuple[int, int]]]:
         """`chunk` as pipeline calls: one for all images whose adapter sets can share a pass
         (any mix of them), one per set that cannot."""
-        distinct = {_key(choices[i]): choices[i] for i, _ in chunk}
+        distinct = {set_key(choices[i]): choices[i] for i, _ in chunk}
         if len(distinct) <= 1:
             return [chunk] if chunk else []
         alone = set()
@@ -382,8 +382,10 @@ class Engine:
             if why is not None:
                 log.info("adapter set %s runs as its own call: %s", _names(adapter_set), why)
                 alone.add(key)
-        shared = [job for job in chunk if _key(choices[job[0]]) not in alone]
-        own = [[job for job in chunk if _key(choices[job[0]]) == k] for k in distinct if k in alone]
+        shared = [job for job in chunk if set_key(choices[job[0]]) not in alone]
+        own = [
+            [job for job in chunk if set_key(choices[job[0]]) == k] for k in distinct if k in alone
+        ]
         return [p for p in [shared, *own] if p]
 
     def _choices(self, request: GenerateRequest, snapshot: ServedSnapshot) -> Choices:
@@ -447,7 +449,7 @@ class Engine:
         """One pipeline call for the images `chunk`; image j uses the adapters `sets[j]`."""
         first = requests[chunk[0][0]]
         image_seeds = [(seeds[i] + k) % (MAX_SEED + 1) for i, k in chunk]
-        keys = [_key(c) for c in sets]
+        keys = [set_key(c) for c in sets]
         distinct = list({k: c for k, c in zip(keys, sets, strict=True)}.values())
         with self._lock:
             started = time.perf_counter()
@@ -560,11 +562,6 @@ def adapter_used(entry: StoreEntry, scale: float) -> AdapterUsed:
         content_hash=entry.metadata.get("content_hash", ""),
         scale=scale,
     )
-
-
-def _key(adapter_set: Choices) -> tuple:
-    """What identifies an adapter set: each version's tag and scale."""
-    return tuple((entry.tag, scale) for entry, scale in adapter_set)
 
 
 def _names(adapter_set: Choices) -> str:

@@ -38,6 +38,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from service import metrics
+from service.adapter_cache import set_key
 from service.batcher import ClientGone
 from service.schedulers import make_scheduler
 
@@ -301,7 +302,7 @@ class StepScheduler:
     def _activate_adapters(self) -> None:
         """One set in flight: merged; several: per-image terms (rows in flight order)."""
         adapters = self.engine.adapters
-        keys = [_key(f.choices) for f in self._flights]
+        keys = [set_key(f.choices) for f in self._flights]
         order = list(dict.fromkeys(keys))
         if any(f.submission.terms_on for f in self._flights):
             self._set_index = {k: 0 for k in order}
@@ -311,7 +312,7 @@ class StepScheduler:
             adapters.activate(self._flights[0].choices)
             self._set_index = None
             return
-        sets = [next(f.choices for f in self._flights if _key(f.choices) == k) for k in order]
+        sets = [next(f.choices for f in self._flights if set_key(f.choices) == k) for k in order]
         self._set_index = {k: order.index(k) for k in order}
         adapters.activate_mixed(sets, [self._set_index[k] for k in keys])
 
@@ -320,7 +321,7 @@ class StepScheduler:
         if self._set_index is None:
             return
         adapters = self.engine.adapters
-        per_image = [self._set_index[_key(f.choices)] for f in flights]
+        per_image = [self._set_index[set_key(f.choices)] for f in flights]
         slots = adapters.mixed_slots(per_image) + [-1] * (padded - len(flights))
         adapters.mixed.set_rows(slots)
 
@@ -398,7 +399,7 @@ class StepScheduler:
             )[0]
             flight.step += 1
             flight.most_in_flight = max(flight.most_in_flight, n)
-            flight.most_sets = max(flight.most_sets, len({_key(f.choices) for f in flights}))
+            flight.most_sets = max(flight.most_sets, len({set_key(f.choices) for f in flights}))
 
     # -- retiring ------------------------------------------------------------------------
 
@@ -466,10 +467,6 @@ class StepScheduler:
 def _fail(submission: Submission, err: Exception) -> None:
     if not submission.future.done():
         submission.future.set_exception(err)
-
-
-def _key(choices) -> tuple:
-    return tuple((entry.tag, scale) for entry, scale in choices)
 
 
 class StepQueue:
