@@ -271,6 +271,48 @@ async def serve(batcher: Batcher, items: Sequence[Any], ctx: Any) -> Any:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
+def mark_client(request: Any) -> Any:
+    """Validator of the batchable /generate entry's items (service.service): give each
+    GenerateRequest its own request's client-gone event. It runs while BentoML parses the body,
+    in the request's own task, where `bentoml.Context().request` is that request; the batch
+    function later runs in BentoML's dispatcher task, where it is not (there ctx.request is
+    whichever request started the dispatcher). With the event on the item, the step scheduler
+    retires the item's images at its next step once the client has gone."""
+    import bentoml
+
+    try:
+        scope = bentoml.Context().request.scope
+    except LookupError:  # parsed outside a request (a test, the OpenAPI example)
+        return request
+    if hasattr(request, "client_gone"):
+        request._gone = scope.get(CLIENT_GONE)
+    return request
+
+
+async def serve_batch(queue: Any, items: Sequence[Any]) -> list:
+    """The batchable /generate entry's body (BENTOLORA_STEP_ENTRY=batchable): one BentoML batch,
+    the entries of the requests it joined in arrival order, to the step scheduler as one
+    submission (`queue`: service.step_scheduler.StepQueue); one response per entry, which
+    BentoML splits back to the requests. No 499 for a client that has gone: its entries' images
+    are retired at the scheduler's next step (mark_client) and the batch answers the others."""
+    metrics.batch_requests(queue.endpoint, len(items))
+    return await queue.submit(items)
+
+
+def batch_options(settings: Any) -> dict:
+    """The batchable entry's `@bentoml.api` options. BentoML's dispatcher runs one batch at a
+    time and counts a batch in entries; a batch holds at most as many entries as a request may
+    (BENTOLORA_MAX_REQUEST_ITEMS) or as the scheduler has in flight (BENTOLORA_MAX_BATCH_IMAGES),
+    whichever is more. It answers 503 to a request that waited past `max_latency_ms`: the
+    server's request timeout, so that is never sooner than the other entries' 504."""
+    return {
+        "batchable": True,
+        "batch_dim": 0,
+        "max_batch_size": max(2, settings.max_request_items, settings.max_batch_images),
+        "max_latency_ms": settings.request_timeout_s * 1000,
+    }
+
+
 SCORE_BATCH_IMAGES = 64
 """Images in one CLIP call at most (a /score request holds at most BENTOLORA_MAX_REQUEST_IMAGES)."""
 

@@ -5,7 +5,10 @@ BENTOLORA_BASE=sdxl-tiny bentoml serve service.service:SDXLLoRA
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import bentoml
+from pydantic import AfterValidator
 
 from service import batcher, bentoml_fixes, metrics
 from service.adapter_policy import AdapterPolicy, deny_file
@@ -43,6 +46,8 @@ JOBS = JobBoard(
     max_images=SETTINGS.max_request_images * JOB_SCALE,
 )
 """Long jobs' progress and cancel (service.jobs): the task endpoint runs them, /jobs reads them."""
+BATCHABLE_ENTRY = SETTINGS.scheduling == "step" and SETTINGS.step_entry == "batchable"
+"""/generate as a BentoML batchable API feeding the step scheduler (service.batcher.serve_batch)."""
 bentoml_fixes.apply()  # metrics labelled by route, request timers cancelled
 
 
@@ -96,15 +101,25 @@ class SDXLLoRA:
         """False after an unrecoverable GPU error: the orchestrator restarts the container."""
         return not self.state.live.broken
 
-    # Not BentoML's batchable APIs: its batcher learns how long to wait from past batches, and
-    # one large request taught it waits of many seconds for every later request. The service
-    # batches itself (service.batcher), with a fixed window and no memory.
-    @bentoml.api
-    async def generate(
-        self, requests: list[GenerateRequest], ctx: bentoml.Context
-    ) -> list[GenerateResponse]:
-        """Images for prompts, with adapters mixed by weight; requests from many clients share a batch."""
-        return await batcher.serve(self.batches.generate, requests, ctx)
+    if BATCHABLE_ENTRY:  # BENTOLORA_STEP_ENTRY=batchable, to compare with the async entry
+
+        @bentoml.api(**batcher.batch_options(SETTINGS))
+        async def generate(
+            self, requests: list[Annotated[GenerateRequest, AfterValidator(batcher.mark_client)]]
+        ) -> list[GenerateResponse]:
+            """Images for prompts, with adapters mixed by weight; requests from many clients share a batch."""
+            return await batcher.serve_batch(self.batches.generate, requests)
+
+    else:
+        # Not BentoML's batchable APIs: its batcher learns how long to wait from past batches,
+        # and one large request taught it waits of many seconds for every later request. The
+        # service batches itself (service.batcher), with a fixed window and no memory.
+        @bentoml.api
+        async def generate(
+            self, requests: list[GenerateRequest], ctx: bentoml.Context
+        ) -> list[GenerateResponse]:
+            """Images for prompts, with adapters mixed by weight; requests from many clients share a batch."""
+            return await batcher.serve(self.batches.generate, requests, ctx)
 
     @bentoml.api
     async def score(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LORA_MODES = ("fused", "peft")
 SCHEDULING = ("request", "step")
+STEP_ENTRIES = ("async", "batchable")
 MINIMUMS = {
     "encode_workers": 0,
     "batch_window_ms": 0,
@@ -136,6 +137,12 @@ class Settings:
     step admits waiting requests into the running batch at every denoising step (each image
     with its own steps, guidance, scheduler and adapters), so a request never waits for a
     whole batch to finish. See README, "Request-level or step-level batching"."""
+    step_entry: str = "async"
+    """BENTOLORA_STEP_ENTRY: how /generate feeds the step scheduler (BENTOLORA_SCHEDULING=step):
+    async hands each request to it as it arrives; batchable makes /generate a BentoML batchable
+    API whose batches (the entries of concurrent requests, formed while the previous batch runs)
+    go to it. async measured better (bench/RESULTS.md); batchable is there to compare. Ignored
+    with BENTOLORA_SCHEDULING=request."""
     mixed_max_rank: int = 32
     """BENTOLORA_MIXED_MAX_RANK: a batch whose requests use different adapter sets runs as one
     pipeline call, each image with its own low-rank terms; this is the rank one set may have on
@@ -201,6 +208,10 @@ class Settings:
         if self.scheduling not in SCHEDULING:
             problems.append(
                 f"BENTOLORA_SCHEDULING={self.scheduling!r} is not one of {', '.join(SCHEDULING)}"
+            )
+        if self.step_entry not in STEP_ENTRIES:
+            problems.append(
+                f"BENTOLORA_STEP_ENTRY={self.step_entry!r} is not one of {', '.join(STEP_ENTRIES)}"
             )
         if self.lora_mode not in LORA_MODES:
             problems.append(
