@@ -263,21 +263,19 @@ class Client:
         scheduler: SchedulerName | None = None,
         adapters: Adapters | None = None,
         output_format: OutputFormat | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+        deadline_s: float | None = None,
     ) -> list[Generated]:
         """Images for `prompt`. Each field left None takes the server's default; the limits are
         the server's (README, or its OpenAPI page at /): a bad value is answered 400 with the
-        field and what is allowed, raised as BentoMLException."""
-        fields = {
-            "negative_prompt": negative_prompt,
-            "width": width,
-            "height": height,
-            "steps": steps,
-            "guidance": guidance,
-            "seed": seed,
-            "num_images": num_images,
-            "scheduler": scheduler,
-            "output_format": output_format,
-        }
+        field and what is allowed, raised as BentoMLException. The size and crop fields are
+        SDXL's micro-conditioning; past `deadline_s` the server stops and answers 504."""
+        fields = {k: v for k, v in locals().items() if k not in MODE_ONLY}
         return _images(self._post("/generate", _request(prompt, adapters, fields)))
 
     def score(self, images: Sequence[Image.Image], texts: Sequence[str] = ()) -> Scores:
@@ -305,6 +303,7 @@ class Client:
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size | None = None,
         negative_target_size: Size | None = None,
+        deadline_s: float | None = None,
     ) -> list[Generated]:
         """`image` redrawn after `prompt` (POST /img2img): `strength` 0 keeps it (through the
         VAE), 1 redraws all. Its sides must be multiples of 8; the output has its size. The
@@ -335,6 +334,7 @@ class Client:
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size | None = None,
         negative_target_size: Size | None = None,
+        deadline_s: float | None = None,
     ) -> list[Generated]:
         """`image` redrawn where `mask` (the same size) is white, kept where it is black (POST
         /inpaint); the other fields as img2img's (strength defaults to 1 here)."""
@@ -364,6 +364,7 @@ class Client:
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size | None = None,
         negative_target_size: Size | None = None,
+        deadline_s: float | None = None,
     ) -> list[Generated]:
         """Images for `prompt` that follow each of `controls`' conditioning images (of the
         output's aspect ratio) through its stored ControlNet at its scale (POST /controlnet;
@@ -393,6 +394,7 @@ class Client:
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size | None = None,
         negative_target_size: Size | None = None,
+        deadline_s: float | None = None,
     ) -> list[Generated]:
         """As generate, with the server's refiner taking over after the `handoff` fraction of
         the steps (POST /generate_with_refiner; 0.8 when left out)."""
@@ -420,6 +422,7 @@ class Client:
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size | None = None,
         negative_target_size: Size | None = None,
+        deadline_s: float | None = None,
     ) -> list[Generated]:
         """`image` through the server's refiner as image-to-image (POST /refine; strength 0.3
         when left out); no adapters."""
@@ -534,19 +537,16 @@ class AsyncClient:
         scheduler: SchedulerName | None = None,
         adapters: Adapters | None = None,
         output_format: OutputFormat | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+        deadline_s: float | None = None,
     ) -> list[Generated]:
         """As Client.generate."""
-        fields = {
-            "negative_prompt": negative_prompt,
-            "width": width,
-            "height": height,
-            "steps": steps,
-            "guidance": guidance,
-            "seed": seed,
-            "num_images": num_images,
-            "scheduler": scheduler,
-            "output_format": output_format,
-        }
+        fields = {k: v for k, v in locals().items() if k not in MODE_ONLY}
         return _images(await self._post("/generate", _request(prompt, adapters, fields)))
 
     async def score(self, images: Sequence[Image.Image], texts: Sequence[str] = ()) -> Scores:
@@ -574,6 +574,7 @@ class AsyncClient:
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size | None = None,
         negative_target_size: Size | None = None,
+        deadline_s: float | None = None,
     ) -> list[Generated]:
         """`image` redrawn after `prompt` (POST /img2img): `strength` 0 keeps it (through the
         VAE), 1 redraws all. Its sides must be multiples of 8; the output has its size. The
@@ -604,6 +605,7 @@ class AsyncClient:
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size | None = None,
         negative_target_size: Size | None = None,
+        deadline_s: float | None = None,
     ) -> list[Generated]:
         """`image` redrawn where `mask` (the same size) is white, kept where it is black (POST
         /inpaint); the other fields as img2img's (strength defaults to 1 here)."""
@@ -633,6 +635,7 @@ class AsyncClient:
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size | None = None,
         negative_target_size: Size | None = None,
+        deadline_s: float | None = None,
     ) -> list[Generated]:
         """Images for `prompt` that follow each of `controls`' conditioning images (of the
         output's aspect ratio) through its stored ControlNet at its scale (POST /controlnet;
@@ -662,6 +665,7 @@ class AsyncClient:
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size | None = None,
         negative_target_size: Size | None = None,
+        deadline_s: float | None = None,
     ) -> list[Generated]:
         """As generate, with the server's refiner taking over after the `handoff` fraction of
         the steps (POST /generate_with_refiner; 0.8 when left out)."""
@@ -689,6 +693,7 @@ class AsyncClient:
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size | None = None,
         negative_target_size: Size | None = None,
+        deadline_s: float | None = None,
     ) -> list[Generated]:
         """`image` through the server's refiner as image-to-image (POST /refine; strength 0.3
         when left out); no adapters."""

@@ -44,6 +44,7 @@ from models.store import StoreEntry
 from service import metrics
 from service.adapter_cache import AdapterCache, set_key
 from service.adapter_selection import StoreAdapters, select_adapters
+from service.call_trimming import CallAbandoned, Trim
 from service.encoder import Encoded, Encoder
 from service.schedulers import make_scheduler
 from service.schemas import (
@@ -86,6 +87,7 @@ def group_key(request: GenerateRequest) -> tuple:
         # An empty negative prompt means zeroed negative embeddings in SDXL (as diffusers does
         # for None), which a batch can only express for all its members at once.
         bool(request.negative_prompt),
+        tuple(sorted(request.micro_conditioning().items())),
     )
 
 
@@ -286,19 +288,17 @@ class Engine:
         started = time.perf_counter()
         for indices in groups.values():
             jobs = [(i, k) for i in indices for k in range(requests[i].num_images)]
-            step = self.settings.max_batch_images
+            step = call_size(requests[indices[0]], self.settings.max_batch_images)
             for start in range(0, len(jobs), step):
-                chunk = still_wanted(
-                    requests,
-                    within_deadline(
-                        requests, jobs[start : start + step], self.settings.request_timeout_s
-                    ),
+                chunk = wanted(
+                    requests, jobs[start : start + step], self.settings.request_timeout_s
                 )
                 for part in self._passes(chunk, choices):
                     sets = [choices[i] for i, _ in part]
                     run = self._run_fitting(requests, seeds, part, len(requests), sets)
                     for (i, _), image in zip(part, run, strict=True):
-                        results[i].append(image)
+                        if image is not None:  # None: it left the call (service.call_trimming)
+                            results[i].append(image)
         # Encoding ran beside the later groups' pipeline calls; collected last.
         responses = self.responses(results)
         self.live.record_batch("/generate", time.perf_counter() - started, len(requests))
@@ -445,20 +445,36 @@ class Engine:
 
     def _run(
         self, requests, seeds, chunk, batch_requests: int, sets: list[Choices]
-    ) -> list[Pending]:
-        """One pipeline call for the images `chunk`; image j uses the adapters `sets[j]`."""
+    ) -> list[Pending | None]:
+        """One pipeline call for the images `chunk`; image j uses the adapters `sets[j]`.
+        An image whose request becomes unwanted during the call leaves it at the next step
+        (service.call_trimming): None in its place."""
         first = requests[chunk[0][0]]
         image_seeds = [(seeds[i] + k) % (MAX_SEED + 1) for i, k in chunk]
         keys = [set_key(c) for c in sets]
         distinct = list({k: c for k, c in zip(keys, sets, strict=True)}.values())
+        order = list(dict.fromkeys(keys))
+
+        def set_rows(kept: list[int]) -> None:
+            if len(distinct) > 1:
+                self.adapters.activate_mixed(distinct, [order.index(keys[j]) for j in kept])
+
+        generators = [torch.Generator("cpu").manual_seed(s) for s in image_seeds]
+        trim = Trim(
+            [requests[i] for i, _ in chunk],
+            lambda request: request.unwanted(self.settings.request_timeout_s),
+            rows=True,
+            generators=generators,
+            on_rows=set_rows,
+            then=self._report_progress,
+        )
         with self._lock:
             started = time.perf_counter()
             try:
                 if len(distinct) == 1:
                     self.adapters.activate(distinct[0])
                 else:
-                    order = list(dict.fromkeys(keys))
-                    self.adapters.activate_mixed(distinct, [order.index(k) for k in keys])
+                    set_rows(list(range(len(chunk))))
             except (AdapterError, OSError):
                 gone = [e for c in distinct for e, _ in c if not e.path.is_dir()]
                 if not gone:
@@ -478,13 +494,18 @@ class Engine:
                         height=first.height,
                         num_inference_steps=first.steps,
                         guidance_scale=first.guidance,
-                        generator=[torch.Generator("cpu").manual_seed(s) for s in image_seeds],
-                        callback_on_step_end=self._report_progress,
+                        **first.micro_conditioning(),
+                        generator=generators,
+                        callback_on_step_end=trim,
+                        callback_on_step_end_tensor_inputs=trim.tensor_inputs,
                     ).images
+            except CallAbandoned:
+                log.info("every image of a call became unwanted; it stopped at a step")
+                images = []
             finally:
                 self.live.progress = (0, 0)  # also when the call fails: the GPU is idle again
             compute = time.perf_counter() - started
-        metrics.images(len(chunk))
+        metrics.images(len(images))
         timings = {
             "pipeline_s": round(compute, 4),
             "adapter_switch_s": round(switch, 4),
@@ -494,8 +515,10 @@ class Engine:
         }
         return [
             self.pending(requests[i], seed, adapter_set, image, timings)
+            if image is not None
+            else None
             for (i, _), image, seed, adapter_set in zip(
-                chunk, images, image_seeds, sets, strict=True
+                chunk, trim.keep(images), image_seeds, sets, strict=True
             )
         ]
 
@@ -580,28 +603,25 @@ class AdapterGone(BentoMLException):
         )
 
 
-def within_deadline(
-    requests: Sequence[GenerateRequest], chunk: list[tuple[int, int]], deadline_s: float
+def call_size(request: GenerateRequest, max_batch_images: int) -> int:
+    """Images in one pipeline call for requests alike `request` (see `alone_in_a_call`)."""
+    return 1 if request.alone_in_a_call() else max_batch_images
+
+
+def wanted(
+    requests: Sequence[GenerateRequest], chunk: list[tuple[int, int]], timeout_s: float
 ) -> list[tuple[int, int]]:
-    """The jobs of `chunk` whose request is still within its deadline. A request past it has
-    already been answered 504 by the server's timeout, so computing it would only delay the rest."""
-    now = time.monotonic()
-    late = {i for i, _ in chunk if now - requests[i]._received > deadline_s}
+    """The jobs of `chunk` someone will read: a request past its deadline (its own `deadline_s`
+    or the server's `timeout_s`) has been answered 504 already, and one whose client
+    disconnected 499, so computing them would only delay the rest."""
+    late = {i for i, _ in chunk if requests[i].time_left(timeout_s) < 0}
+    gone = {i for i, _ in chunk if requests[i].client_gone} - late
     if late:
         metrics.dropped(len(late))
-        log.warning("dropping %d requests past their %d s deadline", len(late), deadline_s)
-    return [(i, k) for i, k in chunk if i not in late]
-
-
-def still_wanted(
-    requests: Sequence[GenerateRequest], chunk: list[tuple[int, int]]
-) -> list[tuple[int, int]]:
-    """The jobs of `chunk` whose request's client is still connected: a batch that began before
-    a client left computes none of its images that have not started."""
-    gone = {i for i, _ in chunk if requests[i].client_gone}
+        log.warning("dropping %d request(s) past their deadline, unrun", len(late))
     if gone:
         log.info("skipping %d request(s) whose client disconnected", len(gone))
-    return [(i, k) for i, k in chunk if i not in gone]
+    return [(i, k) for i, k in chunk if i not in late | gone]
 
 
 @dataclass(frozen=True)

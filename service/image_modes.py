@@ -45,6 +45,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2im
 from models import failpoints
 from service import metrics
 from service.batcher import Batcher
+from service.call_trimming import CallAbandoned, Trim
 from service.encoder import Encoded
 from service.schedulers import make_scheduler
 from service.schemas import (
@@ -72,11 +73,13 @@ ROUTES = {
 }
 """Each mode's endpoint."""
 StepCallback = Callable[[Any, int, Any, dict], dict]
+TIME_IDS_IN_PAIRS = ("generate", "controlnet", "handoff")
+"""Modes whose pipeline lays out negative time ids per image pair (GenerateRequest.alone_in_a_call)."""
+TRIMMABLE = ("generate", "img2img", "refine")
+"""Modes whose pipeline loop reads only the tensors its step callback can replace: an unwanted
+image leaves the call at the next step (service.call_trimming); in the others, a call stops
+once all its images are unwanted."""
 ImagesCallback = Callable[[int], None]
-
-
-class ClientsGone(Exception):
-    """Every client of a pipeline call has disconnected: the call stops at its next step."""
 
 
 def steps_run(request: Any) -> int:
@@ -189,16 +192,20 @@ class ImageModes:
         requests: Sequence[Any],
         on_step: StepCallback | None = None,
         on_images: ImagesCallback | None = None,
+        timeout_s: float | None = None,
     ) -> list[GenerateResponse]:
         """The responses to `requests` (all of `mode`), in order. `on_step`, when given, is
         called after each denoising step as diffusers' `callback_on_step_end`, and `on_images`
         with the number of images each call made (long jobs count and cancel with them). A
-        request whose client has gone gets no images."""
-        from service.engine import still_wanted, within_deadline
+        request nobody will read (client gone, past its deadline: its own `deadline_s` or
+        `timeout_s`, by default the server's request timeout) gets no images."""
+        from service.engine import wanted
 
         if not requests:
             return []
         engine = self.engine
+        if timeout_s is None:
+            timeout_s = engine.settings.request_timeout_s
         snapshot = engine.state.snapshot
         choices = [engine._choices(request, snapshot) for request in requests]
         engine._check_still_stored(choices)
@@ -208,28 +215,27 @@ class ImageModes:
             groups[mode_key(request, _key(choices[index]))].append(index)
         results: list[list[Pending]] = [[] for _ in requests]
         started = time.perf_counter()
-        step = engine.settings.max_batch_images
         for indices in groups.values():
-            jobs = [(i, k) for i in indices for k in range(requests[i].num_images)]
-            for at in range(0, len(jobs), step):
-                chunk = still_wanted(
-                    requests,
-                    within_deadline(
-                        requests, jobs[at : at + step], engine.settings.request_timeout_s
-                    ),
-                )
+            for planned in _chunks(mode, requests, indices, engine.settings.max_batch_images):
+                chunk = wanted(requests, planned, timeout_s)
                 if not chunk:
                     continue
-                call = Call(mode, requests, seeds, chunk, choices[chunk[0][0]], len(requests))
+                call = Call(
+                    mode, requests, seeds, chunk, choices[chunk[0][0]], len(requests), timeout_s
+                )
                 try:
                     made = self._fitting(call, on_step)
-                except ClientsGone:
-                    log.info("%s: every client of a call left; it stopped at a step", mode)
+                except CallAbandoned:
+                    log.info(
+                        "%s: every image of a call became unwanted; it stopped at a step", mode
+                    )
                     continue
-                for (i, _), image in zip(chunk, made, strict=True):
+                # None: an image that left the call (service.call_trimming)
+                kept = [(i, p) for (i, _), p in zip(chunk, made, strict=True) if p is not None]
+                for i, image in kept:
                     results[i].append(image)
                 if on_images is not None:
-                    on_images(len(made))
+                    on_images(len(kept))
         responses = [GenerateResponse(images=[p.finish() for p in images]) for images in results]
         engine.live.record_batch(ROUTES[mode], time.perf_counter() - started, len(requests))
         return responses
@@ -267,12 +273,19 @@ class ImageModes:
             pipe.scheduler = make_scheduler(call.first.scheduler, config)
             failpoints.hit("pipeline", size=len(call.chunk))
             generators = [torch.Generator("cpu").manual_seed(s) for s in call.image_seeds]
+            trim = Trim(
+                [call.requests[i] for i, _ in call.chunk],
+                lambda request: request.unwanted(call.timeout_s),
+                rows=call.mode in TRIMMABLE,
+                generators=generators,
+                then=_progress(engine, on_step),
+            )
             try:
-                images = self._images(call, pipe, generators, _progress(engine, call, on_step))
+                images = trim.keep(self._images(call, pipe, generators, trim))
             finally:
                 engine.live.progress = (0, 0)
             compute = time.perf_counter() - started
-        metrics.images(len(call.chunk))
+        metrics.images(sum(image is not None for image in images))
         timings = {
             "pipeline_s": round(compute, 4),
             "adapter_switch_s": round(switch, 4),
@@ -291,15 +304,21 @@ class ImageModes:
                 encoded=engine.encoder.submit(image, call.requests[i].output_format),
                 timings=timings,
             )
+            if image is not None
+            else None
             for (i, _), image, seed in zip(call.chunk, images, call.image_seeds, strict=True)
         ]
 
-    def _images(self, call: Call, pipe: Any, generators: list, callback: StepCallback) -> list:
+    def _images(self, call: Call, pipe: Any, generators: list, trim: Trim) -> list:
         """The pipeline call (two for a handoff: the base to `handoff` as latents, the refiner
-        from there), or the VAE round trip when no step runs."""
+        from there), or the VAE round trip when no step runs. The images of `trim.kept`."""
         if steps_run(call.first) == 0:
             return vae_round_trip(pipe, call.inputs("_image"), generators)
-        steps = {"generator": generators, "callback_on_step_end": callback}
+        steps = {
+            "generator": generators,
+            "callback_on_step_end": trim,
+            "callback_on_step_end_tensor_inputs": trim.tensor_inputs,
+        }
         if call.mode != "handoff":
             return pipe(**call.arguments(), **steps).images
         first = call.first
@@ -317,6 +336,15 @@ class ImageModes:
             guidance_scale=first.guidance,
             **steps,
         ).images
+
+
+def _chunks(mode: str, requests: Sequence[Any], indices: list[int], max_images: int) -> list:
+    """The images ((request, image) index pairs) of the alike requests `indices`, in calls."""
+    from service.engine import call_size
+
+    jobs = [(i, k) for i in indices for k in range(requests[i].num_images)]
+    step = call_size(requests[indices[0]], max_images) if mode in TIME_IDS_IN_PAIRS else max_images
+    return [jobs[at : at + step] for at in range(0, len(jobs), step)]
 
 
 def adapter_used(entry: Any, scale: float) -> Any:
@@ -338,14 +366,12 @@ def _key(adapter_set: tuple) -> tuple:
     return tuple((entry.tag, scale) for entry, scale in adapter_set)
 
 
-def _progress(engine: Any, call: Call, on_step: StepCallback | None) -> StepCallback:
-    """After each step: the live progress; `on_step`; the call stopped (ClientsGone, raised
-    out of the pipeline: no further step, no decode) once all its clients have gone."""
+def _progress(engine: Any, on_step: StepCallback | None) -> StepCallback:
+    """After each step (once unwanted images have left the call): the live progress, then
+    `on_step` (a long job's progress and cancel)."""
 
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
         engine.live.progress = (step + 1, pipe.num_timesteps)
-        if all(getattr(r, "client_gone", False) for r in call.inputs_of_requests()):
-            raise ClientsGone
         return on_step(pipe, step, timestep, kwargs) if on_step is not None else kwargs
 
     return callback
@@ -362,6 +388,8 @@ class Call:
     chunk: list[tuple[int, int]]
     adapters: tuple
     batch_requests: int
+    timeout_s: float
+    """The deadline of a request without its own `deadline_s`."""
 
     @property
     def first(self) -> Img2ImgRequest:
@@ -379,6 +407,7 @@ class Call:
             self.chunk[start:stop],
             self.adapters,
             self.batch_requests,
+            self.timeout_s,
         )
 
     def inputs(self, attribute: str) -> list:
@@ -392,9 +421,6 @@ class Call:
         if len(scales) == 1:
             return {"image": [c[0] for c in controls], "controlnet_conditioning_scale": scales[0]}
         return {"image": list(controls[0]), "controlnet_conditioning_scale": scales}
-
-    def inputs_of_requests(self) -> list:
-        return [self.requests[i] for i in dict.fromkeys(i for i, _ in self.chunk)]
 
     def arguments(self) -> dict[str, Any]:
         first = self.first

@@ -26,6 +26,7 @@ job's calls. The board keeps the last `KEEP_FINISHED` finished jobs' progress.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -212,7 +213,10 @@ class JobBoard:
     def _work(modes: Any, job: Job, requests: Sequence[Any]) -> list:
         if job.cancelled.is_set():
             raise JobStopped(f"job {job.task_id} was cancelled", HTTPStatus.CONFLICT)
-        return modes.run("generate", requests, on_step=job.on_step, on_images=job.on_images)
+        # Not the server's request timeout: a job runs as long as it takes, or to its deadline.
+        return modes.run(
+            "generate", requests, on_step=job.on_step, on_images=job.on_images, timeout_s=math.inf
+        )
 
 
 def jobs_app(board: JobBoard) -> Starlette:

@@ -104,7 +104,66 @@ def _other_version(snapshot: ServedSnapshot, served: Any, version: str) -> Any:
     return entry
 
 
-class GenerateRequest(BaseModel):
+SizePair = tuple[Annotated[int, Field(ge=1, le=16384)], Annotated[int, Field(ge=1, le=16384)]]
+CropPair = tuple[Annotated[int, Field(ge=0, le=16384)], Annotated[int, Field(ge=0, le=16384)]]
+MICRO_CONDITIONING = (
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+    "negative_target_size",
+)
+
+
+class MicroConditioning(BaseModel):
+    """SDXL's size and crop conditioning ([height, width] and [top, left], as diffusers takes
+    them); absent: the pipeline's defaults (the output size, no crop)."""
+
+    original_size: SizePair | None = None
+    crops_coords_top_left: CropPair | None = None
+    target_size: SizePair | None = None
+    negative_original_size: SizePair | None = None
+    negative_crops_coords_top_left: CropPair | None = None
+    negative_target_size: SizePair | None = None
+
+    @model_validator(mode="after")
+    def negative_sizes_together(self) -> MicroConditioning:
+        # diffusers uses the negative sizes only when both are given (else the positive ones)
+        if (self.negative_original_size is None) != (self.negative_target_size is None):
+            raise ValueError(
+                "negative_original_size and negative_target_size go together: send both "
+                "(or neither, and the negative side takes the positive sizes)"
+            )
+        return self
+
+    def micro_conditioning(self) -> dict[str, tuple[int, int]]:
+        """The fields set, as the pipeline's keyword arguments."""
+        return {k: tuple(v) for k in MICRO_CONDITIONING if (v := getattr(self, k)) is not None}
+
+    def alone_in_a_call(self) -> bool:
+        """Whether this request's images must each have a text-to-image (or ControlNet)
+        pipeline call of their own: with negative sizes, those diffusers pipelines lay out a
+        batch's time ids as (negative, positive) pairs while the embeddings are all negatives
+        then all positives, so every image after the first would take another image's
+        conditioning. (The img2img and inpainting pipelines lay them out right.)"""
+        return self.negative_original_size is not None
+
+
+RequestDeadline = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        le=86400,
+        allow_inf_nan=False,
+        description="seconds from arrival after which the server stops computing this request "
+        "(its images leave the batch at the next denoising step) and answers 504; absent: the "
+        "server's timeout (BENTOLORA_REQUEST_TIMEOUT_S), which also bounds it",
+    ),
+]
+
+
+class GenerateRequest(MicroConditioning):
     served_by: ClassVar[ServerState | None] = None
     """The state whose snapshot requests are checked against (set by `bind_requests`)."""
 
@@ -119,6 +178,7 @@ class GenerateRequest(BaseModel):
     scheduler: SchedulerName = "euler"
     adapters: Annotated[list[AdapterChoice], Field(max_length=8)] = []
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    deadline_s: RequestDeadline = None
     _received: float = PrivateAttr(default_factory=time.monotonic)
     """When the request was parsed (its arrival): the deadline counts from here."""
     _gone: Any = PrivateAttr(default=None)
@@ -128,6 +188,18 @@ class GenerateRequest(BaseModel):
     def client_gone(self) -> bool:
         """The client has disconnected: nobody will read this request's images."""
         return self._gone is not None and self._gone.is_set()
+
+    def time_left(self, server_timeout_s: float) -> float:
+        """Seconds until this request's deadline: its own `deadline_s`, or the server's timeout
+        when that comes first (negative once passed)."""
+        limit = (
+            server_timeout_s if self.deadline_s is None else min(self.deadline_s, server_timeout_s)
+        )
+        return limit - (time.monotonic() - self._received)
+
+    def unwanted(self, server_timeout_s: float) -> bool:
+        """Nobody will read this request's images: its client left or its deadline passed."""
+        return self.client_gone or self.time_left(server_timeout_s) < 0
 
     @field_validator("prompt")
     @classmethod
@@ -276,45 +348,9 @@ JobDeadline = Annotated[
         "step); absent: none",
     ),
 ]
-SizePair = tuple[Annotated[int, Field(ge=1, le=16384)], Annotated[int, Field(ge=1, le=16384)]]
-CropPair = tuple[Annotated[int, Field(ge=0, le=16384)], Annotated[int, Field(ge=0, le=16384)]]
-MICRO_CONDITIONING = (
-    "original_size",
-    "crops_coords_top_left",
-    "target_size",
-    "negative_original_size",
-    "negative_crops_coords_top_left",
-    "negative_target_size",
-)
 
 
-class MicroConditioning(BaseModel):
-    """SDXL's size and crop conditioning ([height, width] and [top, left], as diffusers takes
-    them); absent: the pipeline's defaults (the output size, no crop)."""
-
-    original_size: SizePair | None = None
-    crops_coords_top_left: CropPair | None = None
-    target_size: SizePair | None = None
-    negative_original_size: SizePair | None = None
-    negative_crops_coords_top_left: CropPair | None = None
-    negative_target_size: SizePair | None = None
-
-    @model_validator(mode="after")
-    def negative_sizes_together(self) -> MicroConditioning:
-        # diffusers uses the negative sizes only when both are given (else the positive ones)
-        if (self.negative_original_size is None) != (self.negative_target_size is None):
-            raise ValueError(
-                "negative_original_size and negative_target_size go together: send both "
-                "(or neither, and the negative side takes the positive sizes)"
-            )
-        return self
-
-    def micro_conditioning(self) -> dict[str, tuple[int, int]]:
-        """The fields set, as the pipeline's keyword arguments."""
-        return {k: tuple(v) for k in MICRO_CONDITIONING if (v := getattr(self, k)) is not None}
-
-
-class Img2ImgRequest(MicroConditioning, GenerateRequest):
+class Img2ImgRequest(GenerateRequest):
     """/img2img: a /generate request that starts from `image` (base64 PNG/JPEG/WebP, sides
     multiples of 8). The output has the image's size: width and height default to it and, if
     sent, must equal it."""
@@ -398,7 +434,7 @@ ASPECT_TOLERANCE = 0.05
 MAX_CONTROLNETS = 3
 
 
-class ControlNetRequest(MicroConditioning, GenerateRequest):
+class ControlNetRequest(GenerateRequest):
     """/controlnet: a /generate request that follows the structure of each of `controlnets`'
     images (several: diffusers' MultiControlNet, their residuals summed by scale)."""
 
@@ -444,7 +480,7 @@ def _refiner_served(model: type[BaseModel]) -> None:
         raise ValueError("this server has no refiner (BENTOLORA_REFINER is not set)")
 
 
-class RefinedRequest(MicroConditioning, GenerateRequest):
+class RefinedRequest(GenerateRequest):
     """/generate_with_refiner: the base (with the adapters) denoises the first `handoff` of the
     schedule and the refiner the rest (diffusers' ensemble of experts: `denoising_end` on the
     base, `denoising_start` on the refiner)."""

@@ -341,19 +341,10 @@ class StepScheduler:
                 do_classifier_free_guidance=True,
                 negative_prompt=[f.request.negative_prompt for f in group] if negative else None,
             )
-            projection = pipe.text_encoder_2.config.projection_dim
             for j, flight in enumerate(group):
-                height, width = flight.request.height, flight.request.width
-                time_ids = pipe._get_add_time_ids(
-                    (height, width),
-                    (0, 0),
-                    (height, width),
-                    dtype=embeds.dtype,
-                    text_encoder_projection_dim=projection,
-                )
                 flight.embeds = torch.stack([negative_embeds[j], embeds[j]])
                 flight.pooled = torch.stack([negative_pooled[j], pooled[j]])
-                flight.time_ids = torch.cat([time_ids, time_ids]).to(embeds.device)
+                flight.time_ids = time_ids(pipe, flight.request, embeds.dtype).to(embeds.device)
 
     # -- one step --------------------------------------------------------------------------
 
@@ -405,7 +396,7 @@ class StepScheduler:
 
     def _unwanted(self, request: GenerateRequest, submission: Submission) -> bool:
         """The client has left, or the deadline passed: nobody will read this image."""
-        late = time.monotonic() - request._received > self.engine.settings.request_timeout_s
+        late = request.time_left(self.engine.settings.request_timeout_s) < 0
         if not (late or request.client_gone or submission.future.done()):
             return False
         if late:
@@ -462,6 +453,34 @@ class StepScheduler:
         flights, self._flights = self._flights, []
         for submission in {id(f.submission): f.submission for f in flights}.values():
             _fail(submission, err)
+
+
+def time_ids(pipe: Any, request: GenerateRequest, dtype: torch.dtype) -> torch.Tensor:
+    """The (negative, positive) SDXL time ids of `request`'s micro-conditioning, as the
+    pipeline makes them for one image: the output size and no crop where a field is absent; the
+    negative side the positive one's unless both negative sizes are given."""
+    fields = request.micro_conditioning()
+    size = (request.height, request.width)
+    projection = pipe.text_encoder_2.config.projection_dim
+
+    def ids(original: Any, crop: Any, target: Any) -> torch.Tensor:
+        return pipe._get_add_time_ids(
+            original, crop, target, dtype=dtype, text_encoder_projection_dim=projection
+        )
+
+    positive = ids(
+        fields.get("original_size", size),
+        fields.get("crops_coords_top_left", (0, 0)),
+        fields.get("target_size", size),
+    )
+    if "negative_original_size" not in fields:  # the request's validation: both or neither
+        return torch.cat([positive, positive])
+    negative = ids(
+        fields["negative_original_size"],
+        fields.get("negative_crops_coords_top_left", (0, 0)),
+        fields["negative_target_size"],
+    )
+    return torch.cat([negative, positive])
 
 
 def _fail(submission: Submission, err: Exception) -> None:

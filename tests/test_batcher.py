@@ -275,12 +275,12 @@ def test_too_many_entries_are_refused_before_any_parser(path):
 def test_the_engine_skips_the_images_of_a_request_whose_client_has_gone():
     """A batch that began before a client left computes none of that request's images that
     have not started (the engine checks before each pipeline call)."""
-    from service.engine import still_wanted
+    from service.engine import wanted
     from service.schemas import GenerateRequest
 
     kept, left = GenerateRequest(prompt="a", num_images=2), GenerateRequest(prompt="b")
     left._gone = asyncio.Event()
-    assert still_wanted([kept, left], [(0, 0), (0, 1), (1, 0)]) == [(0, 0), (0, 1), (1, 0)]
+    assert wanted([kept, left], [(0, 0), (0, 1), (1, 0)], 60) == [(0, 0), (0, 1), (1, 0)]
     left._gone.set()
     assert left.client_gone and not kept.client_gone
-    assert still_wanted([kept, left], [(0, 0), (0, 1), (1, 0)]) == [(0, 0), (0, 1)]
+    assert wanted([kept, left], [(0, 0), (0, 1), (1, 0)], 60) == [(0, 0), (0, 1)]
