@@ -1,6 +1,8 @@
 """The web UI at /ui: a Gradio app in the service's own process and port.
 
-The UI is one more client of the service: it calls `/generate` and `/adapters/` over loopback
+A tab per mode: text to image here; image to image, inpainting, ControlNet and the refiner in
+service.ui_modes, built from the same controls (the `Form` functions below). The UI is one more
+client of the service: it calls `/generate` (and the modes' endpoints) and `/adapters/` over loopback
 with the token the user types, so the same checks, batching, queue bound and limits apply to it
 as to any client, and opening the UI reveals nothing a token would guard. What it reads directly
 from the process without the token is public anyway: whether the server is ready (as /readyz)
@@ -14,6 +16,7 @@ import html
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
@@ -114,12 +117,6 @@ def adapter_updates(listing: dict | None, why_not: str) -> tuple[Any, ...]:
     )
 
 
-def list_adapters(token: str, request: gr.Request) -> tuple[Any, ...]:
-    """The adapters the server serves, asked over HTTP with the user's token; without a valid
-    token the list stays empty and says why."""
-    return adapter_updates(*fetch_adapters(token, request))
-
-
 def gallery_html(images: list[dict[str, Any]]) -> str:
     """The images the service returned (base64, as it sent them) as data URLs in the page: held
     by the browser only, never written to a file that a URL could serve to someone else."""
@@ -146,20 +143,19 @@ def build_request(
     prompt: str,
     negative: str,
     adapters: list[tuple[str | None, float]],
-    width: float,
-    height: float,
+    width: float | None,
+    height: float | None,
     steps: float,
     guidance: float,
     scheduler: str,
     seed: float | None,
     num_images: float,
 ) -> dict[str, Any]:
-    """One /generate request from the form; the server checks every value and says what's wrong."""
+    """One /generate request from the form; the server checks every value and says what's wrong.
+    Width and height None: left out (the image modes that start from an image take its size)."""
     body: dict[str, Any] = {
         "prompt": prompt,
         "negative_prompt": negative or "",
-        "width": int(width),
-        "height": int(height),
         "steps": int(steps),
         "guidance": float(guidance),
         "scheduler": scheduler,
@@ -170,16 +166,20 @@ def build_request(
             if name and name != NO_ADAPTER
         ],
     }
+    if width is not None and height is not None:
+        body["width"], body["height"] = int(width), int(height)
     if seed is not None and seed >= 0:
         body["seed"] = int(seed)
     return body
 
 
-def call_generate(
-    url: str, token: str, body: dict[str, Any], timeout_s: float
+def call_api(
+    url: str, path: str, token: str, body: dict[str, Any], timeout_s: float
 ) -> list[dict[str, Any]]:
+    """POST one request to an image endpoint (/generate, /img2img, ...): its images, or UIError
+    with the service's own message."""
     response = httpx.post(
-        url + "/generate",
+        url + path,
         json={"requests": [body]},
         headers=_headers(token),
         timeout=timeout_s,
@@ -195,18 +195,76 @@ class ServerView:
 
     def __init__(self, state: ServerState):
         self.state = state
+        self.forms: list[Form] = []
+        """Every tab's form (the sign-in fills their adapter lists and sizes)."""
 
     def health(self) -> str:
         return health_text(self.state)
 
-    def sign_in(self, token: str, request: gr.Request) -> tuple[Any, ...]:
-        """The adapter list (as `list_adapters`) and, once the token has been accepted by the
-        service, the base's native size as the form's starting size."""
+    def sign_in_outputs(self, adapters_info: gr.components.Component) -> list[Any]:
+        """What `sign_in` updates: the adapters line, each form's adapter lists and size."""
+        outputs: list[Any] = [adapters_info]
+        for form in self.forms:
+            outputs += form.slots[0::2]
+            outputs += [form.fields[k] for k in ("width", "height") if k in form.fields]
+        return outputs
+
+    def sign_in(self, token: str, request: gr.Request, size: bool = True) -> tuple[Any, ...]:
+        """The adapters the server serves (asked over HTTP with the user's token) in every
+        form and, once the service has accepted the token, the base's native size as the forms'
+        starting size."""
         listing, why_not = fetch_adapters(token, request)
-        if listing is None:  # the service refused the token (or is not ready): no size either
-            return (*adapter_updates(listing, why_not), gr.update(), gr.update())
-        size = self.state.snapshot.default_size
-        return (*adapter_updates(listing, why_not), gr.update(value=size), gr.update(value=size))
+        *dropdowns, info = adapter_updates(listing, why_not)
+        updates: list[Any] = [info]
+        native = self.state.snapshot.default_size
+        for form in self.forms:
+            updates += dropdowns[: len(form.slots) // 2]
+            for key in ("width", "height"):
+                if key in form.fields:  # refused token (or not ready): no size either
+                    keep = listing is None or not size
+                    updates.append(gr.update() if keep else gr.update(value=native))
+        return tuple(updates)
+
+    def reload(self, token: str, request: gr.Request) -> tuple[Any, ...]:
+        """The adapter lists again (the sizes as the user set them)."""
+        return self.sign_in(token, request, size=False)
+
+    def submit(
+        self, path: str, token: str, body: dict[str, Any], request: gr.Request, progress: Any
+    ) -> tuple[str, list[dict[str, Any]], int | None]:
+        """Send one request to `path` and show progress until the images come back; the
+        service's error (a 4xx naming the field) is shown to the user as it said it."""
+        outcome: dict[str, Any] = {}
+        snapshot = self.state.snapshot
+
+        def call() -> None:
+            try:
+                outcome["images"] = call_api(
+                    server_address(request),
+                    path,
+                    token,
+                    body,
+                    snapshot.settings.request_timeout_s + 30,
+                )
+            except (UIError, httpx.HTTPError) as err:
+                outcome["error"] = str(err)
+            except Exception as err:  # an answer the UI cannot read: say so, not a bare KeyError
+                log.exception("UI call to %s failed", path)
+                outcome["error"] = f"unexpected answer from the service: {err}"
+
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        progress(0.0, desc="queued")
+        while worker.is_alive():
+            worker.join(0.1)
+            done, total = self.state.live.progress
+            if total:
+                progress((done, total), desc="denoising (the batch on the GPU)", unit="steps")
+        if "error" in outcome:
+            raise gr.Error(outcome["error"])
+        images = outcome["images"]
+        metadata = [{k: v for k, v in item.items() if k != "image"} for item in images]
+        return gallery_html(images), metadata, images[0]["seed"] if images else None
 
     def generate(
         self,
@@ -234,36 +292,126 @@ class ServerView:
         body = build_request(
             prompt, negative, adapters, width, height, steps, guidance, scheduler, seed, num_images
         )
-        outcome: dict[str, Any] = {}
-        snapshot = self.state.snapshot
+        return self.submit("/generate", token, body, request, progress)
 
-        def call() -> None:
-            try:
-                outcome["images"] = call_generate(
-                    server_address(request), token, body, snapshot.settings.request_timeout_s + 30
+
+# --- the form's controls, shared by the text-to-image tab and the image modes' tabs -----------
+
+
+@dataclass
+class Form:
+    """One tab's controls. `fields`, in order, are what its handler reads (by name); `slots` the
+    adapter dropdowns and scales (alternating; none on a tab whose endpoint takes no adapters);
+    the output side: the run button, "Reuse seed", the gallery, the metadata, the last seed."""
+
+    prefix: str
+    fields: dict[str, gr.components.Component] = field(default_factory=dict)
+    slots: list[gr.components.Component] = field(default_factory=list)
+    run: Any = None
+    reuse: Any = None
+    gallery: Any = None
+    metadata: Any = None
+    last_seed: Any = None
+
+    def id(self, name: str) -> str:
+        """An element id unique to this tab (the text-to-image tab's have no prefix)."""
+        return self.prefix + name
+
+    def outputs(self) -> list[Any]:
+        return [self.gallery, self.metadata, self.last_seed]
+
+
+def prompt_controls(form: Form) -> None:
+    form.fields["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=form.id("prompt"))
+    form.fields["negative"] = gr.Textbox(label="Negative prompt", elem_id=form.id("negative"))
+
+
+def adapter_controls(form: Form) -> None:
+    """ADAPTER_SLOTS adapter dropdowns (filled at sign-in), each with its scale."""
+    for i in range(ADAPTER_SLOTS):
+        with gr.Row():
+            form.slots.append(
+                gr.Dropdown(
+                    [NO_ADAPTER],
+                    value=NO_ADAPTER,
+                    label=f"Adapter {i + 1}",
+                    elem_id=form.id(f"adapter-{i}"),
                 )
-            except (UIError, httpx.HTTPError) as err:
-                outcome["error"] = str(err)
-            except Exception as err:  # an answer the UI cannot read: say so, not a bare KeyError
-                log.exception("UI call to /generate failed")
-                outcome["error"] = f"unexpected answer from the service: {err}"
+            )
+            form.slots.append(
+                gr.Slider(
+                    -2,
+                    2,
+                    value=1.0,
+                    step=0.05,
+                    label=f"Scale {i + 1}",
+                    elem_id=form.id(f"scale-{i}"),
+                )
+            )
 
-        worker = threading.Thread(target=call, daemon=True)
-        worker.start()
-        progress(0.0, desc="queued")
-        while worker.is_alive():
-            worker.join(0.1)
-            done, total = self.state.live.progress
-            if total:
-                progress((done, total), desc="denoising (the batch on the GPU)", unit="steps")
-        if "error" in outcome:
-            raise gr.Error(outcome["error"])
-        images = outcome["images"]
-        metadata = [{k: v for k, v in item.items() if k != "image"} for item in images]
-        return gallery_html(images), metadata, images[0]["seed"] if images else None
+
+def size_controls(form: Form) -> None:
+    """Width and height (set to the base's native size at sign-in)."""
+    with gr.Row():
+        for key, label in (("width", "Width"), ("height", "Height")):
+            form.fields[key] = gr.Slider(
+                64, 2048, value=1024, step=8, label=label, elem_id=form.id(key)
+            )
+
+
+def sampling_controls(form: Form) -> None:
+    """Steps, guidance, scheduler, seed (-1: random) and the number of images."""
+    with gr.Row():
+        form.fields["steps"] = gr.Slider(
+            1, 150, value=30, step=1, label="Steps", elem_id=form.id("steps")
+        )
+        form.fields["guidance"] = gr.Slider(
+            0, 30, value=5.0, step=0.5, label="Guidance", elem_id=form.id("guidance")
+        )
+    form.fields["scheduler"] = gr.Dropdown(
+        list(SCHEDULERS), value="euler", label="Scheduler", elem_id=form.id("scheduler")
+    )
+    with gr.Row():
+        form.fields["seed"] = gr.Number(
+            value=-1, precision=0, label="Seed (-1: random)", elem_id=form.id("seed")
+        )
+        form.fields["num_images"] = gr.Slider(
+            1, 8, value=1, step=1, label="Images", elem_id=form.id("num")
+        )
+
+
+def output_controls(form: Form, action: str) -> None:
+    """The run button, "Reuse seed", the gallery (data URLs) and each image's metadata."""
+    with gr.Row():
+        form.run = gr.Button(action, variant="primary", elem_id=form.id("generate"))
+        form.reuse = gr.Button("Reuse seed", elem_id=form.id("reuse-seed"))
+    gr.Markdown("Images")
+    form.gallery = gr.HTML(elem_id=form.id("gallery"), js_on_load=None)
+    form.metadata = gr.JSON(label="Metadata of each image", elem_id=form.id("metadata"))
+    form.last_seed = gr.State(None)
+    form.reuse.click(lambda s: -1 if s is None else s, form.last_seed, form.fields["seed"])
+
+
+def form_request(values: dict[str, Any], slots: list[Any]) -> dict[str, Any]:
+    """The fields every image endpoint shares, from a form's values (by name) and its adapter
+    slots' values (name, scale, name, scale, ...); no width/height where the form has none."""
+    return build_request(
+        values["prompt"],
+        values["negative"],
+        list(zip(slots[0::2], slots[1::2], strict=True)),
+        values.get("width"),
+        values.get("height"),
+        values["steps"],
+        values["guidance"],
+        values["scheduler"],
+        values["seed"],
+        values["num_images"],
+    )
 
 
 def build_ui(settings: Settings, state: ServerState) -> gr.Blocks:
+    from service import ui_modes
+
     view = ServerView(state)
     needs_token = bool(settings.bearer_token())
     with gr.Blocks(title="bentolora", analytics_enabled=False) as ui:
@@ -276,80 +424,50 @@ def build_ui(settings: Settings, state: ServerState) -> gr.Blocks:
             elem_id="token",
         )
         with gr.Row():
-            with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
-                gr.Examples(EXAMPLES, inputs=[prompt, negative], label="Example prompts")
-                adapters_info = gr.Markdown(elem_id="adapters-info")
-                slots: list[gr.components.Component] = []
-                for i in range(ADAPTER_SLOTS):
-                    with gr.Row():
-                        slots.append(
-                            gr.Dropdown(
-                                [NO_ADAPTER],
-                                value=NO_ADAPTER,
-                                label=f"Adapter {i + 1}",
-                                elem_id=f"adapter-{i}",
-                            )
-                        )
-                        slots.append(
-                            gr.Slider(
-                                -2,
-                                2,
-                                value=1.0,
-                                step=0.05,
-                                label=f"Scale {i + 1}",
-                                elem_id=f"scale-{i}",
-                            )
-                        )
-                refresh = gr.Button("Reload adapter list", size="sm")
-                with gr.Row():
-                    width = gr.Slider(64, 2048, value=1024, step=8, label="Width", elem_id="width")
-                    height = gr.Slider(
-                        64, 2048, value=1024, step=8, label="Height", elem_id="height"
-                    )
-                with gr.Row():
-                    steps = gr.Slider(1, 150, value=30, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value="euler", label="Scheduler")
-                with gr.Row():
-                    seed = gr.Number(
-                        value=-1, precision=0, label="Seed (-1: random)", elem_id="seed"
-                    )
-                    num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="num")
-            with gr.Column(scale=1):
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
-                    reuse = gr.Button("Reuse seed", elem_id="reuse-seed")
-                gr.Markdown("Images")
-                gallery = gr.HTML(elem_id="gallery", js_on_load=None)
-                metadata = gr.JSON(label="Metadata of each image", elem_id="metadata")
-        last_seed = gr.State(None)
+            adapters_info = gr.Markdown(elem_id="adapters-info")
+            refresh = gr.Button("Reload adapter list", size="sm", scale=0)
+        with gr.Tabs():
+            with gr.Tab("Text to image", id="txt2img"):
+                view.forms.append(text_to_image_tab(view, token))
+            modes = ui_modes.mode_tabs(view, token)
+        outputs = view.sign_in_outputs(adapters_info) + modes.sign_in_outputs()
 
-        inputs = [
-            token,
-            prompt,
-            negative,
-            *slots,
-            width,
-            height,
-            steps,
-            guidance,
-            scheduler,
-            seed,
-            num_images,
-        ]
-        outputs = [gallery, metadata, last_seed]
-        run.click(view.generate, inputs, outputs, concurrency_limit=None)
-        prompt.submit(view.generate, inputs, outputs, concurrency_limit=None)
-        reuse.click(lambda s: -1 if s is None else s, last_seed, seed)
-        adapter_outputs = [*slots[0::2], adapters_info]
-        refresh.click(list_adapters, token, adapter_outputs)
-        token.submit(view.sign_in, token, [*adapter_outputs, width, height])
-        ui.load(view.sign_in, token, [*adapter_outputs, width, height])
+        def sign_in(token_value: str, request: gr.Request) -> tuple[Any, ...]:
+            return (*view.sign_in(token_value, request), *modes.sign_in(token_value, request))
+
+        def reload(token_value: str, request: gr.Request) -> tuple[Any, ...]:
+            return (*view.reload(token_value, request), *modes.sign_in(token_value, request))
+
+        refresh.click(reload, token, outputs)
+        token.submit(sign_in, token, outputs)
+        ui.load(sign_in, token, outputs)
         ui.load(view.health, None, health)
         gr.Timer(2).tick(view.health, outputs=health)
     return ui
+
+
+def text_to_image_tab(view: ServerView, token: gr.components.Component) -> Form:
+    form = Form(prefix="")
+    with gr.Row():
+        with gr.Column(scale=1):
+            prompt_controls(form)
+            gr.Examples(
+                EXAMPLES,
+                inputs=[form.fields["prompt"], form.fields["negative"]],
+                label="Example prompts",
+            )
+            adapter_controls(form)
+            size_controls(form)
+            sampling_controls(form)
+        with gr.Column(scale=1):
+            output_controls(form, "Generate")
+    f = form.fields
+    inputs = [token, f["prompt"], f["negative"], *form.slots]
+    inputs += [f[k] for k in ("width", "height", "steps", "guidance", "scheduler", "seed")]
+    inputs.append(f["num_images"])
+    form.run.click(view.generate, inputs, form.outputs(), concurrency_limit=None)
+    f["prompt"].submit(view.generate, inputs, form.outputs(), concurrency_limit=None)
+    return form
 
 
 def mount(service_class: Any, settings: Settings, state: ServerState) -> Any:

@@ -102,3 +102,69 @@ def test_gallery_images_are_data_urls_in_the_page():
     assert '<img src="data:image/png;base64,iVBORw0K"' in page and "seed 7" in page
     assert "webp;base64" in gallery_html([{"image": "x", "format": "webp", "seed": 1}])
     assert "<script" not in gallery_html([{"image": '"><script>', "format": "png", "seed": 1}])
+
+
+def test_mode_forms_to_requests():
+    """Each mode tab's request: its images as the base64 of the page's data URLs, its own
+    fields, micro-conditioning pairs only when set, no adapters for the refiner's /refine."""
+    from service.ui_modes import MODES, mode_request
+
+    modes = {mode.key: mode for mode in MODES}
+    common = {"prompt": "a cat", "negative": "", "steps": 4.0, "guidance": 5.0}
+    common |= {"scheduler": "euler", "seed": 3.0, "num_images": 1.0}
+    slots = ["style", 0.5, NO_ADAPTER, 1.0, NO_ADAPTER, 1.0]
+    image = "data:image/png;base64,iVBORw0K"
+    body = mode_request(
+        modes["img2img"],
+        common | {"image": image, "strength": 0.6, "original_size.0": 128.0, "original_size.1": 96},
+        slots,
+    )
+    assert body["image"] == "iVBORw0K" and body["strength"] == 0.6 and body["seed"] == 3
+    assert body["original_size"] == [128, 96] and "target_size" not in body
+    assert "width" not in body and body["adapters"] == [{"name": "style", "scale": 0.5}]
+    # empty or 0: not sent; no image chosen: left out (the service names the field)
+    body = mode_request(
+        modes["inpaint"],
+        common | {"image": "", "mask": image, "strength": 1.0, "crops_coords_top_left.0": 0},
+        slots,
+    )
+    assert (
+        "image" not in body and body["mask"] == "iVBORw0K" and "crops_coords_top_left" not in body
+    )
+    body = mode_request(
+        modes["controlnet"],
+        common
+        | {"width": 64, "height": 128, "controlnet": "canny", "control_image": image}
+        | {"control_scale": 0.8},
+        slots,
+    )
+    assert body["controlnets"] == [{"name": "canny", "image": "iVBORw0K", "scale": 0.8}]
+    assert (body["width"], body["height"]) == (64, 128) and "control_image" not in body
+    body = mode_request(
+        modes["refiner"], common | {"width": 64, "height": 64, "handoff": 0.7}, slots
+    )
+    assert body["handoff"] == 0.7
+    body = mode_request(modes["refine"], common | {"image": image, "strength": 0.3}, [])
+    assert "adapters" not in body and body["strength"] == 0.3
+
+
+def test_the_refiner_tabs_are_off_when_the_server_has_no_refiner():
+    import gradio as gr
+
+    from service.ui import ServerView
+    from service.ui_modes import NO_REFINER, ModeTabs, mode_tabs
+
+    view = ServerView(ServerState())
+    with gr.Blocks():
+        token = gr.Textbox()
+        with gr.Tabs():
+            tabs: ModeTabs = mode_tabs(view, token)
+    assert len(tabs.sign_in_outputs()) == 1 + 2 * 2  # the ControlNet list; 2 refiner tabs
+    control, *refiner = tabs.updates({"controlnets": [{"name": "canny"}], "refiner": None}, "")
+    assert control["choices"] == ["canny"] and control["value"] == "canny"
+    assert refiner[0]["value"] == NO_REFINER and refiner[1]["interactive"] is False
+    assert refiner[2]["value"] == NO_REFINER and refiner[3]["interactive"] is False
+    _, note, run, *_ = tabs.updates({"controlnets": [], "refiner": "sdxl-refiner:v1"}, "")
+    assert "sdxl-refiner:v1" in note["value"] and run["interactive"] is True
+    _, note, run, *_ = tabs.updates(None, "enter the token")
+    assert note["value"] == "enter the token" and "interactive" not in run

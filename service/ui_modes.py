@@ -1,0 +1,333 @@
+"""The web UI's image-mode tabs: image to image, inpainting, ControlNet, the refiner (a handoff
+from the base, and refining a given image), each a form of service.ui's shared controls plus its
+own, sent to its endpoint (/img2img, /inpaint, /controlnet, /generate_with_refiner, /refine).
+
+Images go from the browser to the service inside the call, as data URLs read by the page (an
+`image_input`): Gradio's upload route is closed (service.auth), so no uploaded file is ever
+kept on the server either. The ControlNets and whether the server has a refiner come from
+GET /controlnets/ with the user's token, at sign-in, as the adapters do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+import httpx
+
+from service.ui import (
+    Form,
+    ServerView,
+    _error_text,
+    _headers,
+    adapter_controls,
+    form_request,
+    output_controls,
+    prompt_controls,
+    sampling_controls,
+    server_address,
+    size_controls,
+)
+
+NO_REFINER = (
+    "This server has no refiner (`BENTOLORA_REFINER` is not set): the refiner's tabs are off."
+)
+MICRO_CONDITIONING = {
+    "original_size": ("Original height", "Original width"),
+    "crops_coords_top_left": ("Crop top", "Crop left"),
+    "target_size": ("Target height", "Target width"),
+}
+"""SDXL's micro-conditioning fields the mode tabs offer ([height, width] and [top, left], as
+the API takes them); a pair left empty or 0 is not sent (the pipeline's default)."""
+
+IMAGE_TEMPLATE = """<div class="bl-image">
+<label>${caption} <input type="file" accept="image/png,image/jpeg,image/webp"></label>
+${value ? `<img src="${value}" alt="${caption}">` : `<p>No image chosen.</p>`}
+</div>"""
+IMAGE_CSS = "img { max-width: 100%; max-height: 256px; display: block; margin-top: 4px; }"
+IMAGE_JS = """
+element.addEventListener('change', (event) => {
+  const input = event.target;
+  if (!input.files || !input.files.length) return;
+  const reader = new FileReader();
+  reader.onload = () => { props.value = reader.result; trigger('change'); };
+  reader.readAsDataURL(input.files[0]);
+});
+"""
+
+
+def image_input(caption: str, elem_id: str) -> gr.HTML:
+    """A file chooser whose value is the chosen image as a data URL, read in the browser and
+    sent inside the call (not through Gradio's upload route), with a preview."""
+    return gr.HTML(
+        "",
+        html_template=IMAGE_TEMPLATE,
+        css_template=IMAGE_CSS,
+        js_on_load=IMAGE_JS,
+        elem_id=elem_id,
+        caption=caption,
+    )
+
+
+def image_data(value: str | None) -> str | None:
+    """The base64 of an `image_input`'s data URL; None when no image was chosen."""
+    if not value or not value.startswith("data:") or "," not in value:
+        return None
+    return value.split(",", 1)[1]
+
+
+def micro_conditioning_controls(form: Form) -> None:
+    with gr.Accordion("Advanced: SDXL size conditioning", open=False, elem_id=form.id("advanced")):
+        gr.Markdown(
+            "Sizes as [height, width], the crop as [top, left]; a pair left empty (or 0) is "
+            "not sent: the default (the output's size, no crop)."
+        )
+        for key, labels in MICRO_CONDITIONING.items():
+            with gr.Row():
+                for i, label in enumerate(labels):
+                    form.fields[f"{key}.{i}"] = gr.Number(
+                        value=None, precision=0, label=label, elem_id=form.id(f"{key}-{i}")
+                    )
+
+
+@dataclass
+class Mode:
+    """One tab: its endpoint and the controls its request takes beyond prompt and sampling."""
+
+    key: str
+    title: str
+    path: str
+    action: str
+    adapters: bool = True
+    size: bool = False
+    images: tuple[tuple[str, str], ...] = ()
+    """(field, caption) of each image the request takes."""
+    strength: float | None = None
+    handoff: bool = False
+    controlnet: bool = False
+    refiner: bool = False
+    help: str = ""
+
+
+MODES = (
+    Mode(
+        "img2img",
+        "Image to image",
+        "/img2img",
+        "Redraw",
+        images=(("image", "Init image"),),
+        strength=0.8,
+        help="Redraws the init image (its size is the output's); strength: how much.",
+    ),
+    Mode(
+        "inpaint",
+        "Inpaint",
+        "/inpaint",
+        "Inpaint",
+        images=(("image", "Image"), ("mask", "Mask (white: redraw, black: keep; image's size)")),
+        strength=1.0,
+        help="Redraws the image where the mask is white and keeps it where it is black.",
+    ),
+    Mode(
+        "controlnet",
+        "ControlNet",
+        "/controlnet",
+        "Generate",
+        size=True,
+        images=(("control_image", "Conditioning image (edges, depth, pose…)"),),
+        controlnet=True,
+        help="Follows the conditioning image's structure through one of the server's ControlNets.",
+    ),
+    Mode(
+        "refiner",
+        "Refiner",
+        "/generate_with_refiner",
+        "Generate with refiner",
+        size=True,
+        handoff=True,
+        refiner=True,
+        help="The base denoises the first part of the schedule, the refiner the rest.",
+    ),
+    Mode(
+        "refine",
+        "Refine an image",
+        "/refine",
+        "Refine",
+        adapters=False,
+        images=(("image", "Image to refine"),),
+        strength=0.3,
+        refiner=True,
+        help="The refiner as image to image on your image (adapters do not apply to it).",
+    ),
+)
+
+
+def mode_request(mode: Mode, values: dict[str, Any], slots: list[Any]) -> dict[str, Any]:
+    """One request for `mode`'s endpoint from its form's values (by name) and adapter slots.
+    What is missing is left out, and the service says which field it needs."""
+    body = form_request(values, slots)
+    if not mode.adapters:
+        del body["adapters"]
+    for key, _ in mode.images:
+        data = image_data(values.get(key))
+        if data is not None and key != "control_image":
+            body[key] = data
+    if mode.strength is not None:
+        body["strength"] = float(values["strength"])
+    if mode.handoff:
+        body["handoff"] = float(values["handoff"])
+    if mode.controlnet:
+        body["controlnets"] = [control_choice(values)]
+    for key in MICRO_CONDITIONING:
+        pair = [values.get(f"{key}.0") or 0, values.get(f"{key}.1") or 0]
+        if any(pair):  # (0, 0): the default crop; a size of 0 is no size
+            body[key] = [int(v) for v in pair]
+    return body
+
+
+def control_choice(values: dict[str, Any]) -> dict[str, Any]:
+    """The one ControlNet a ControlNet tab sends (the API takes up to 3)."""
+    control: dict[str, Any] = {"scale": float(values["control_scale"])}
+    if values.get("controlnet"):
+        control["name"] = values["controlnet"]
+    if (data := image_data(values.get("control_image"))) is not None:
+        control["image"] = data
+    return control
+
+
+def mode_tab(view: ServerView, token: gr.components.Component, mode: Mode) -> ModeTab:
+    form = Form(prefix=f"{mode.key}-")
+    tab = ModeTab(mode, form)
+    with gr.Row():
+        with gr.Column(scale=1):
+            gr.Markdown(mode.help)
+            if mode.refiner:
+                tab.note = gr.Markdown(elem_id=form.id("note"))
+            prompt_controls(form)
+            for key, caption in mode.images:
+                form.fields[key] = image_input(caption, form.id(key.replace("_", "-")))
+            if mode.strength is not None:
+                form.fields["strength"] = gr.Slider(
+                    0,
+                    1,
+                    value=mode.strength,
+                    step=0.05,
+                    label="Strength",
+                    elem_id=form.id("strength"),
+                )
+            if mode.controlnet:
+                with gr.Row():
+                    form.fields["controlnet"] = gr.Dropdown(
+                        [], label="ControlNet (the server's)", elem_id=form.id("name")
+                    )
+                    form.fields["control_scale"] = gr.Slider(
+                        0,
+                        2,
+                        value=1.0,
+                        step=0.05,
+                        label="Conditioning scale",
+                        elem_id=form.id("scale"),
+                    )
+            if mode.handoff:
+                form.fields["handoff"] = gr.Slider(
+                    0.05,
+                    0.95,
+                    value=0.8,
+                    step=0.05,
+                    label="Handoff (fraction of the steps the base denoises)",
+                    elem_id=form.id("handoff"),
+                )
+            if mode.adapters:
+                adapter_controls(form)
+            if mode.size:
+                size_controls(form)
+            sampling_controls(form)
+            micro_conditioning_controls(form)
+        with gr.Column(scale=1):
+            output_controls(form, mode.action)
+    names = list(form.fields)
+
+    def run(request: gr.Request, progress=gr.Progress(), *values):  # noqa: B008 (Gradio's tracker)
+        # Gradio passes the special arguments first (by position), then the inputs in order
+        token_value, values = values[0], values[1:]
+        named = dict(zip(names, values[: len(names)], strict=True))
+        body = mode_request(mode, named, list(values[len(names) :]))
+        return view.submit(mode.path, token_value, body, request, progress)
+
+    run.__name__ = mode.key  # the Gradio API's endpoint name
+    inputs = [token, *form.fields.values(), *form.slots]
+    form.run.click(run, inputs, form.outputs(), concurrency_limit=None, api_name=mode.key)
+    return tab
+
+
+@dataclass
+class ModeTab:
+    mode: Mode
+    form: Form
+    note: Any = None
+
+
+@dataclass
+class ModeTabs:
+    """The mode tabs, and what the sign-in sets in them: the ControlNet list, the refiner's
+    state (its tabs are off when the server has none)."""
+
+    tabs: list[ModeTab] = field(default_factory=list)
+
+    def sign_in_outputs(self) -> list[Any]:
+        outputs: list[Any] = []
+        for tab in self.tabs:
+            if tab.mode.controlnet:
+                outputs.append(tab.form.fields["controlnet"])
+            if tab.mode.refiner:
+                outputs += [tab.note, tab.form.run]
+        return outputs
+
+    def sign_in(self, token: str, request: gr.Request | None) -> tuple[Any, ...]:
+        listing, why_not = fetch_controlnets(token, request)
+        return self.updates(listing, why_not)
+
+    def updates(self, listing: dict | None, why_not: str) -> tuple[Any, ...]:
+        """The sign-in's updates from GET /controlnets/'s answer (None: refused, and why)."""
+        updates: list[Any] = []
+        for tab in self.tabs:
+            if tab.mode.controlnet:
+                if listing is None:
+                    updates.append(gr.update())
+                else:
+                    names = [row["name"] for row in listing["controlnets"]]
+                    updates.append(gr.update(choices=names, value=names[0] if names else None))
+            if tab.mode.refiner:
+                if listing is None:
+                    updates += [gr.update(value=why_not), gr.update()]
+                elif listing.get("refiner"):
+                    refiner = f"Refiner: `{listing['refiner']}`"
+                    updates += [gr.update(value=refiner), gr.update(interactive=True)]
+                else:
+                    updates += [gr.update(value=NO_REFINER), gr.update(interactive=False)]
+        return tuple(updates)
+
+
+def fetch_controlnets(token: str, request: gr.Request | None) -> tuple[dict | None, str]:
+    """GET /controlnets/ with the user's token: (the listing, '') or (None, why not)."""
+    try:
+        response = httpx.get(
+            server_address(request) + "/controlnets/", headers=_headers(token), timeout=30
+        )
+    except httpx.HTTPError as err:
+        return None, f"cannot reach the service: {err}"
+    if response.status_code != 200:
+        return None, f"ControlNets and refiner: {response.status_code} {_error_text(response)}"
+    return response.json(), ""
+
+
+def mode_tabs(view: ServerView, token: gr.components.Component) -> ModeTabs:
+    """One tab per image mode (inside the caller's gr.Tabs); their forms join `view.forms`."""
+    tabs = ModeTabs()
+    for mode in MODES:
+        with gr.Tab(mode.title, id=mode.key, elem_id=f"tab-{mode.key}"):
+            tab = mode_tab(view, token, mode)
+        tabs.tabs.append(tab)
+        view.forms.append(tab.form)
+    return tabs
