@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import anyio
@@ -249,8 +251,9 @@ class Batcher:
 
 async def serve(batcher: Batcher, items: Sequence[Any], ctx: Any) -> Any:
     """An API's body: `items` through `batcher`; for a client that disconnected meanwhile, a
-    499 (logged as such; nobody reads it) instead of an error."""
-    from starlette.responses import Response
+    499 (logged as such; nobody reads it) instead of an error; past a request's own
+    `deadline_s`, a 504 that says so."""
+    from starlette.responses import JSONResponse, Response
 
     request = getattr(ctx, "request", None)
     gone = request.scope.get(CLIENT_GONE) if request is not None else None
@@ -258,7 +261,11 @@ async def serve(batcher: Batcher, items: Sequence[Any], ctx: Any) -> Any:
         if hasattr(item, "client_gone"):  # GenerateRequest: the engine skips it once gone
             item._gone = gone
     try:
-        return await batcher.submit(items, gone)
+        return await within_own_deadline(batcher.submit(items, gone), items)
+    except PastDeadline as err:
+        log.info("%s: %s", batcher.endpoint, err)
+        ctx.response.status_code = HTTPStatus.GATEWAY_TIMEOUT
+        return JSONResponse({"error": str(err)}, status_code=HTTPStatus.GATEWAY_TIMEOUT)
     except ClientGone as err:
         metrics.abandoned(batcher.endpoint, started=err.started)
         log.info(
@@ -269,6 +276,40 @@ async def serve(batcher: Batcher, items: Sequence[Any], ctx: Any) -> Any:
         )
         ctx.response.status_code = CLIENT_CLOSED_REQUEST
         return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def within_own_deadline(work: Any, items: Sequence[Any]) -> list:
+    """`work`'s responses, or a 504 once the earliest `deadline_s` among `items` has passed (a
+    call is answered as one). The engine drops the late request's images from the GPU batch at
+    its next step on its own (`GenerateRequest.unwanted`); an answer that comes back short of a
+    late request's images is a 504 too. The server's timeout (BENTOLORA_REQUEST_TIMEOUT_S) is
+    BentoML's, over every route."""
+    own = [i for i in items if getattr(i, "deadline_s", None) is not None]
+    if not own:
+        return await work
+    left = min(i.time_left(math.inf) for i in own)
+    try:
+        responses = await asyncio.wait_for(work, timeout=max(left, 0.0))
+    except TimeoutError:
+        raise PastDeadline(own) from None
+    for item, response in zip(items, responses, strict=True):
+        late = getattr(item, "deadline_s", None) is not None and item.time_left(math.inf) < 0
+        if late and len(response.images) < item.num_images:
+            raise PastDeadline(own)
+    return responses
+
+
+class PastDeadline(Exception):
+    """A request's own `deadline_s` passed before its answer was ready (answered 504 with this
+    message: BentoML would replace a 5xx exception's message with a generic one)."""
+
+    def __init__(self, items: Sequence[Any]):
+        first = min(items, key=lambda i: i.deadline_s)
+        super().__init__(
+            f"deadline_s: the request's deadline ({first.deadline_s:g} s from its arrival) "
+            "passed before its images were ready; their GPU work stopped at the next "
+            "denoising step"
+        )
 
 
 def mark_client(request: Any) -> Any:

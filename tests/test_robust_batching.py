@@ -134,6 +134,25 @@ def test_admission_counts_work_not_requests(server, http):
     print(f"\nwork: {refused.json()['error']}")
 
 
+def test_a_request_past_its_own_deadline_is_answered_504_and_its_gpu_work_stops(server, http):
+    """`deadline_s`: the pipeline is held (as by a long batch ahead); the request is answered
+    504 naming the field once its deadline passes, and when the pipeline goes on, its image
+    leaves the call at the first step: it is never decoded."""
+    before = images_computed(server["url"])
+    server["faults"].write_text("pipeline=hang")
+    try:
+        started = time.perf_counter()
+        late = generate(http, LONE | {"deadline_s": 1, "steps": 50}, timeout=60)
+        waited = time.perf_counter() - started
+    finally:
+        server["faults"].write_text("")
+    assert late.status_code == 504, late.text
+    assert "deadline_s" in late.json()["error"]
+    assert 1 <= waited < 10
+    assert generate(http, LONE | {"deadline_s": 60}).status_code == 200
+    assert images_computed(server["url"]) == before + 1  # the in-time one's only
+
+
 def lone_latency(url: str, count: int = 9) -> tuple[float, list[float]]:
     """The median of `count` lone requests sent one after another (and all of them)."""
     times = []
