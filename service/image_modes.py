@@ -24,7 +24,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,7 +120,7 @@ class ImageModes:
     def __init__(self, engine: Any):
         self.engine = engine
         self._pipes: dict[str, Any] = {}
-        self._controlnets: dict[str, Any] = {}
+        self._controlnets: OrderedDict[str, Any] = OrderedDict()  # least recently used first
         self._refiner: Any = None
         self._refiner_lock = threading.Lock()
 
@@ -161,6 +161,15 @@ class ImageModes:
     def _controlnet_pipe(self, names: tuple[str, ...]) -> Any:
         """The base's components with the ControlNets `names` (one, or diffusers'
         MultiControlNet of several)."""
+        loaded = self.engine.settings.controlnets_loaded
+        if len(set(names)) > loaded:
+            raise InvalidArgument(
+                f"controlnets: {len(set(names))} ControlNets in one request; this server keeps "
+                f"at most {loaded} loaded at once (BENTOLORA_CONTROLNETS_LOADED)"
+            )
+        for name in names:  # the most recently used last: kept when others are unloaded
+            if name in self._controlnets:
+                self._controlnets.move_to_end(name)
         key = f"controlnet:{'+'.join(names)}"
         if key not in self._pipes:
             models = [self._controlnet(name) for name in names]
@@ -173,18 +182,35 @@ class ImageModes:
         return self._pipes[key]
 
     def _controlnet(self, name: str) -> Any:
-        """ControlNet `name`, loaded once and kept on the device (the version the store holds
-        when it is first used)."""
+        """ControlNet `name` on the device: loaded (the version the store holds then) when it is
+        not, after unloading the least recently used past BENTOLORA_CONTROLNETS_LOADED."""
         if name not in self._controlnets:
             from models.controlnets import get_controlnet, load_controlnet
             from models.store import StoreError
 
+            while len(self._controlnets) >= self.engine.settings.controlnets_loaded:
+                self._unload_controlnet(next(iter(self._controlnets)))
             try:
                 model = load_controlnet(get_controlnet(name), self.engine.pipe.unet)
             except (StoreError, ValueError) as err:
                 raise InvalidArgument(f"controlnets: {err}") from None
             self._controlnets[name] = model
         return self._controlnets[name]
+
+    def _unload_controlnet(self, name: str) -> None:
+        """ControlNet `name` off the device, with every pipeline holding it (called between
+        calls: one /controlnet batch runs at a time, its calls one after another)."""
+        from service.engine import free_device_memory
+
+        del self._controlnets[name]
+        for key in [k for k in self._pipes if name in k.removeprefix("controlnet:").split("+")]:
+            del self._pipes[key]
+        free_device_memory(self.engine.device)
+        log.info("unloaded ControlNet %s (BENTOLORA_CONTROLNETS_LOADED)", name)
+
+    def controlnets_loaded(self) -> list[str]:
+        """The ControlNets on the device, least recently used first."""
+        return list(self._controlnets)
 
     def run(
         self,

@@ -23,6 +23,7 @@ MINIMUMS = {
     "adapter_watch_s": 0,
     "mixed_max_rank": 0,
     "adapter_device_bytes": 1,
+    "controlnets_loaded": 1,
     "adapter_host_bytes": 1,
     "max_queue": 1,
     "max_queue_work": 1,
@@ -44,7 +45,13 @@ class Settings:
     refiner: str = ""
     """BENTOLORA_REFINER: store tag of an SDXL refiner (`bentolora-models import-refiner`) for
     /generate_with_refiner (the base hands off to it part-way) and /refine (image to image);
-    empty: none, and those answer 400. Loaded on first use, beside the base."""
+    empty: none, and those answer 400. Loaded on first use, beside the base, and kept there
+    (one model, planned for like the base)."""
+    controlnets_loaded: int = 2
+    """BENTOLORA_CONTROLNETS_LOADED: ControlNets kept on the device at once (an SDXL ControlNet
+    is ~2.5 GB in bf16); using another unloads the least recently used, which a later request
+    loads from the store again. Raise it when requests alternate between more ControlNets and
+    the GPU has room; a request with more ControlNets than this is refused (400)."""
     device: str = "auto"
     """BENTOLORA_DEVICE: cuda, cuda:N, cpu, or auto (cuda when present). cuda:N pins one GPU
     of several."""

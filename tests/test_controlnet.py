@@ -209,3 +209,36 @@ def test_several_controlnets_equal_diffusers_multicontrolnet(engine, tiny_base, 
     assert len(got) == 3 and np.abs(got[2] - pixels(want)).max() <= TOLERANCE
     [one] = served(engine, [request("a harbour", edges(5), 8, 0.6)])
     assert np.abs(got[2] - one).max() > 2 * TOLERANCE  # the second ControlNet took part
+
+
+def test_controlnets_past_the_bound_are_unloaded_least_recently_used_first(tiny_base, controlnet):
+    """BENTOLORA_CONTROLNETS_LOADED=1: using another ControlNet unloads the one loaded (and the
+    pipelines holding it); using it again loads it from the store, with the same images."""
+    from bentoml.exceptions import InvalidArgument
+
+    from service.engine import Engine
+    from service.settings import Settings
+
+    one = Engine(
+        Settings(base="sdxl-tiny", clip="clip-tiny", device="cpu", ui=False, controlnets_loaded=1)
+    )
+    first = served(one, [request("a gate", edges(3), 4)])
+    assert one.image_modes.controlnets_loaded() == ["tiny"]
+    served(one, [controlled("tiny2")])
+    assert one.image_modes.controlnets_loaded() == ["tiny2"]
+    assert not any("tiny" in key.split(":")[-1].split("+") for key in one.image_modes._pipes)
+    again = served(one, [request("a gate", edges(3), 4)])
+    assert np.abs(again[0] - first[0]).max() == 0
+    with pytest.raises(InvalidArgument, match="BENTOLORA_CONTROLNETS_LOADED"):
+        one.controlnet([controlled("tiny", "tiny2")])
+    assert one.image_modes.controlnets_loaded() == ["tiny"]
+    one.encoder.close()
+
+
+def controlled(*names: str) -> ControlNetRequest:
+    return ControlNetRequest(
+        prompt="a gate",
+        seed=4,
+        controlnets=[{"name": n, "image": b64(edges(3)), "scale": 1.0} for n in names],
+        **SMALL,
+    )
