@@ -309,8 +309,11 @@ class Engine:
         """One response per request from its images (waits for their encoding)."""
         return [GenerateResponse(images=[p.finish() for p in mine]) for mine in images]
 
-    def pending(self, request, seed: int, choices: Choices, image, timings: dict) -> Pending:
-        """`image` of `request` handed to the encoder, with what its response will say."""
+    def pending(
+        self, request, seed: int, choices: Choices, image, timings: dict, mode: str | None = None
+    ) -> Pending:
+        """`image` of `request` handed to the encoder, with what its response will say (`mode`:
+        the image mode that made it, service.image_modes; None for /generate)."""
         return Pending(
             request=request,
             seed=seed,
@@ -318,6 +321,7 @@ class Engine:
             base=self.base.tag,
             encoded=self.encoder.submit(image, request.output_format),
             timings=timings,
+            mode=mode,
         )
 
     @torch.no_grad()
@@ -624,6 +628,15 @@ def wanted(
     return [(i, k) for i, k in chunk if i not in late | gone]
 
 
+NOT_SETTINGS: dict = {
+    "adapters": True,
+    "image": True,
+    "mask": True,
+    "controlnets": {"__all__": {"image"}},
+}
+"""Request fields a response's settings leave out: adapters (listed apart), client images."""
+
+
 @dataclass(frozen=True)
 class Pending:
     """An image generated and being encoded (see service.encoder)."""
@@ -634,12 +647,16 @@ class Pending:
     base: str
     encoded: Encoded
     timings: dict
+    mode: str | None = None
+    """The image mode that made it (service.image_modes); None: /generate."""
 
     def finish(self) -> GeneratedImage:
         data, encode_s = self.encoded.result()
-        settings = self.request.model_dump(exclude={"adapters"}) | {
+        mode = {"mode": self.mode} if self.mode is not None else {}
+        settings = self.request.model_dump(exclude=NOT_SETTINGS) | {
             "seed": self.seed,
             "base": self.base,
+            **mode,
         }
         return GeneratedImage(
             image=data,

@@ -46,11 +46,9 @@ from models import failpoints
 from service import metrics
 from service.batcher import Batcher
 from service.call_trimming import CallAbandoned, Trim
-from service.encoder import Encoded
 from service.schedulers import make_scheduler
 from service.schemas import (
     MAX_SEED,
-    GeneratedImage,
     GenerateResponse,
     Img2ImgRequest,
     InpaintRequest,
@@ -239,7 +237,7 @@ class ImageModes:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
             groups[mode_key(request, _key(choices[index]))].append(index)
-        results: list[list[Pending]] = [[] for _ in requests]
+        results: list[list] = [[] for _ in requests]
         started = time.perf_counter()
         for indices in groups.values():
             for planned in _chunks(mode, requests, indices, engine.settings.max_batch_images):
@@ -262,11 +260,11 @@ class ImageModes:
                     results[i].append(image)
                 if on_images is not None:
                     on_images(len(kept))
-        responses = [GenerateResponse(images=[p.finish() for p in images]) for images in results]
+        responses = engine.responses(results)
         engine.live.record_batch(ROUTES[mode], time.perf_counter() - started, len(requests))
         return responses
 
-    def _fitting(self, call: Call, on_step: StepCallback | None) -> list[Pending]:
+    def _fitting(self, call: Call, on_step: StepCallback | None) -> list:
         """`_call`, halving the images when the device runs out of memory (as /generate)."""
         from service.engine import free_device_memory
 
@@ -287,7 +285,7 @@ class ImageModes:
                 call.part(half, None), on_step
             )
 
-    def _call(self, call: Call, on_step: StepCallback | None) -> list[Pending]:
+    def _call(self, call: Call, on_step: StepCallback | None) -> list:
         engine = self.engine
         pipe = self.pipe(call.mode, call.first)  # a ControlNet is loaded outside the lock
         with engine._lock, engine.model_calls():  # the compiled UNet's limits, this thread
@@ -319,17 +317,8 @@ class ImageModes:
             "batch_requests": call.batch_requests,
             "steps_run": steps_run(call.first),
         }
-        used = [adapter_used(e, s) for e, s in call.adapters]
         return [
-            Pending(
-                request=call.requests[i],
-                mode=call.mode,
-                seed=seed,
-                adapters=used,
-                base=engine.base.tag,
-                encoded=engine.encoder.submit(image, call.requests[i].output_format),
-                timings=timings,
-            )
+            engine.pending(call.requests[i], seed, call.adapters, image, timings, mode=call.mode)
             if image is not None
             else None
             for (i, _), image, seed in zip(call.chunk, images, call.image_seeds, strict=True)
@@ -371,12 +360,6 @@ def _chunks(mode: str, requests: Sequence[Any], indices: list[int], max_images: 
     jobs = [(i, k) for i in indices for k in range(requests[i].num_images)]
     step = call_size(requests[indices[0]], max_images) if mode in TIME_IDS_IN_PAIRS else max_images
     return [jobs[at : at + step] for at in range(0, len(jobs), step)]
-
-
-def adapter_used(entry: Any, scale: float) -> Any:
-    from service.engine import adapter_used as used
-
-    return used(entry, scale)
 
 
 def _control_key(request: Any) -> tuple:
@@ -491,44 +474,6 @@ def vae_round_trip(pipe: Any, images: list, generators: list[torch.Generator]) -
         if upcast:
             vae.to(torch.float16)
     return pipe.image_processor.postprocess(decoded, output_type="pil")
-
-
-NOT_SETTINGS: Any = {
-    "adapters": True,
-    "image": True,
-    "mask": True,
-    "controlnets": {"__all__": {"image"}},
-}
-"""Request fields a response's settings leave out: adapters (listed apart), client images."""
-
-
-@dataclass(frozen=True)
-class Pending:
-    """An image made and being encoded (see service.encoder)."""
-
-    request: Img2ImgRequest
-    mode: str
-    seed: int
-    adapters: list
-    base: str
-    encoded: Encoded
-    timings: dict
-
-    def finish(self) -> GeneratedImage:
-        data, encode_s = self.encoded.result()
-        settings = self.request.model_dump(exclude=NOT_SETTINGS) | {
-            "seed": self.seed,
-            "base": self.base,
-            "mode": self.mode,
-        }
-        return GeneratedImage(
-            image=data,
-            format=self.request.output_format,
-            seed=self.seed,
-            adapters=self.adapters,
-            settings=settings,
-            timings=self.timings | {"encode_s": round(encode_s, 4)},
-        )
 
 
 @dataclass(frozen=True)
