@@ -70,6 +70,111 @@ def image_input(caption: str, elem_id: str) -> gr.HTML:
     )
 
 
+MASK_TEMPLATE = """<div class="bl-mask">
+<label>${caption} <input type="file" accept="image/png,image/jpeg,image/webp"></label>
+<p>…or draw it on the image (white: redraw): brush
+<input type="range" min="1" max="64" value="12" aria-label="brush size">
+<button type="button" class="bl-clear">Clear</button></p>
+<div class="bl-stage"><canvas></canvas></div>
+</div>"""
+MASK_CSS = """
+.bl-stage { display: inline-block; background-size: 100% 100%; background-color: #888; }
+canvas { display: block; width: 256px; opacity: 0.6; cursor: crosshair; touch-action: none; }
+"""
+MASK_JS = """
+// The mask: a file chosen (sent as it is) or strokes drawn over the image chosen in
+// #${props.image_id} (sent as white on black, at the image's size). Kept here and drawn again
+// after each render, since setting props.value re-renders the template.
+let size = [64, 64], chosen = null, strokes = [], stroke = null, shown = '';
+const source = () => document.querySelector('#' + props.image_id + ' img');
+const canvas = () => element.querySelector('canvas');
+function render() {
+  const layer = canvas(), img = source();
+  if (!layer) return;
+  const stage = element.querySelector('.bl-stage');
+  shown = img ? img.src.length + img.src.slice(-64) : '';
+  stage.style.backgroundImage = img ? `url("${img.src}")` : 'none';
+  if (layer.width !== size[0] || layer.height !== size[1]) {
+    layer.width = size[0]; layer.height = size[1];
+  }
+  const ctx = layer.getContext('2d');
+  ctx.clearRect(0, 0, size[0], size[1]);
+  if (chosen) ctx.drawImage(chosen, 0, 0);
+  ctx.strokeStyle = 'white'; ctx.fillStyle = 'white'; ctx.lineCap = 'round'; ctx.lineJoin = 'round';
+  for (const s of strokes) {
+    ctx.lineWidth = s.width; ctx.beginPath(); ctx.moveTo(s.points[0][0], s.points[0][1]);
+    for (const [x, y] of s.points) ctx.lineTo(x, y);
+    if (s.points.length === 1) { ctx.arc(s.points[0][0], s.points[0][1], s.width / 2, 0, 7); ctx.fill(); }
+    else ctx.stroke();
+  }
+}
+function exported() {
+  const out = document.createElement('canvas');
+  out.width = size[0]; out.height = size[1];
+  const ctx = out.getContext('2d');
+  ctx.fillStyle = 'black'; ctx.fillRect(0, 0, size[0], size[1]);
+  ctx.drawImage(canvas(), 0, 0);
+  return out.toDataURL('image/png');
+}
+function publish(value) { props.value = value; trigger('change'); setTimeout(render, 0); setTimeout(render, 100); }
+function point(e) {
+  const r = canvas().getBoundingClientRect();
+  return [(e.clientX - r.left) * size[0] / r.width, (e.clientY - r.top) * size[1] / r.height];
+}
+element.addEventListener('pointerdown', (e) => {
+  if (e.target.tagName !== 'CANVAS') return;
+  const img = source();
+  if (!chosen && img && img.naturalWidth && (img.naturalWidth !== size[0] || img.naturalHeight !== size[1])) {
+    size = [img.naturalWidth, img.naturalHeight]; strokes = [];
+  }
+  render();
+  const r = canvas().getBoundingClientRect();
+  const brush = Number(element.querySelector('input[type=range]').value) * size[0] / r.width;
+  stroke = {width: brush, points: [point(e)]}; strokes.push(stroke); render();
+});
+element.addEventListener('pointermove', (e) => {
+  if (stroke && e.target.tagName === 'CANVAS') { stroke.points.push(point(e)); render(); }
+});
+window.addEventListener('pointerup', () => { if (stroke) { stroke = null; publish(exported()); } });
+element.addEventListener('click', (e) => {
+  if (!e.target.classList.contains('bl-clear')) return;
+  chosen = null; strokes = []; element.querySelector('input[type=file]').value = ''; publish('');
+});
+element.addEventListener('change', (e) => {
+  const input = e.target;
+  if (input.type !== 'file' || !input.files || !input.files.length) return;
+  const reader = new FileReader();
+  reader.onload = () => {
+    const img = new Image();
+    img.onload = () => {
+      chosen = img; strokes = []; size = [img.naturalWidth, img.naturalHeight];
+      publish(reader.result);
+    };
+    img.src = reader.result;
+  };
+  reader.readAsDataURL(input.files[0]);
+});
+setInterval(() => {  // the image chosen beside: shown under the strokes
+  const img = source();
+  if ((img ? img.src.length + img.src.slice(-64) : '') !== shown) render();
+}, 500);
+"""
+
+
+def mask_input(caption: str, elem_id: str, image_id: str) -> gr.HTML:
+    """A mask: a file chosen (sent as it is), or white strokes drawn on a canvas over the image
+    of `image_input` `image_id` (sent as white on black at the image's size)."""
+    return gr.HTML(
+        "",
+        html_template=MASK_TEMPLATE,
+        css_template=MASK_CSS,
+        js_on_load=MASK_JS,
+        elem_id=elem_id,
+        caption=caption,
+        image_id=image_id,
+    )
+
+
 def image_data(value: str | None) -> str | None:
     """The base64 of an `image_input`'s data URL; None when no image was chosen."""
     if not value or not value.startswith("data:") or "," not in value:
@@ -206,7 +311,11 @@ def mode_tab(view: ServerView, token: gr.components.Component, mode: Mode) -> Mo
                 tab.note = gr.Markdown(elem_id=form.id("note"))
             prompt_controls(form)
             for key, caption in mode.images:
-                form.fields[key] = image_input(caption, form.id(key.replace("_", "-")))
+                elem_id = form.id(key.replace("_", "-"))
+                if key == "mask":
+                    form.fields[key] = mask_input(caption, elem_id, form.id("image"))
+                else:
+                    form.fields[key] = image_input(caption, elem_id)
             if mode.strength is not None:
                 form.fields["strength"] = gr.Slider(
                     0,

@@ -117,6 +117,17 @@ def choose(page, elem_id: str, path) -> None:
     page.locator(f"#{elem_id} img").wait_for()
 
 
+def choose_mask(page, path) -> None:
+    """Choose a mask file; wait until the page shows it (its canvas takes the mask's size)."""
+    width, height = Image.open(path).size
+    page.locator("#inpaint-mask input[type=file]").set_input_files(str(path))
+    page.wait_for_function(
+        "([w, h]) => { const c = document.querySelector('#inpaint-mask canvas');"
+        " return c && c.width === w && c.height === h; }",
+        arg=[width, height],
+    )
+
+
 def pick(page, elem_id: str, option: str, key: str) -> None:
     box = page.locator(f"#{elem_id} input")
     box.click()
@@ -183,12 +194,12 @@ def test_inpaint_and_a_mask_of_another_size(server, page, files):
     fill_common(page, "inpaint", "a roof", 8, adapter=False)
     choose(page, "inpaint-image", files["init"])
     # a mask of another size: the service's 400, naming the field, shown in the page
-    choose(page, "inpaint-mask", files["bad-mask"])
+    choose_mask(page, files["bad-mask"])
     page.locator("#inpaint-generate").click()
     page.get_by_text("mask: 64x72").first.wait_for()
     assert page.locator("#inpaint-gallery img").count() == 0
 
-    choose(page, "inpaint-mask", files["mask"])
+    choose_mask(page, files["mask"])
     page.locator("#inpaint-generate").click()
     ui = shown(page, "inpaint")
     body = {"prompt": "a roof", "image": b64(files["init"]), "mask": b64(files["mask"])}
@@ -197,6 +208,46 @@ def test_inpaint_and_a_mask_of_another_size(server, page, files):
     init = pixels(Image.open(files["init"]))
     # kept where the mask is black (through the VAE), redrawn where it is white
     assert np.abs(ui[0][:, 32:] - init[:, 32:]).mean() > np.abs(ui[0][:, :32] - init[:, :32]).mean()
+
+    # a mask drawn on the image: one stroke down its left quarter
+    page.locator("#inpaint-mask .bl-clear").click()
+    canvas = page.locator("#inpaint-mask canvas")
+    box = canvas.bounding_box()
+    x = box["x"] + box["width"] * 0.2
+    page.mouse.move(x, box["y"] + 4)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(x, box["y"] + 4 + (box["height"] - 8) * step / 10)
+    page.mouse.up()
+    drawn = drawn_mask(page)
+    assert drawn.size == (64, 64)
+    white = np.asarray(drawn) > 127
+    assert white[:, 12:14].mean() > 0.8 and not white[:, 20:].any()
+    before = page.locator("#inpaint-gallery img").get_attribute("src")
+    page.locator("#inpaint-generate").click()
+    page.wait_for_function(
+        "old => document.querySelector('#inpaint-gallery img')?.src !== old", arg=before
+    )
+    ui = shown(page, "inpaint")
+    buffer = io.BytesIO()
+    drawn.save(buffer, "PNG")
+    body["mask"] = base64.b64encode(buffer.getvalue()).decode()
+    assert_same(ui, api(server, "/inpaint", body))
+
+
+def drawn_mask(page) -> Image.Image:
+    """The mask drawn in the page, as the page sends it: the strokes white on black."""
+    url = page.locator("#inpaint-mask canvas").evaluate(
+        """layer => {
+            const out = document.createElement('canvas');
+            out.width = layer.width; out.height = layer.height;
+            const ctx = out.getContext('2d');
+            ctx.fillStyle = 'black'; ctx.fillRect(0, 0, out.width, out.height);
+            ctx.drawImage(layer, 0, 0);
+            return out.toDataURL('image/png');
+        }"""
+    )
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("L")
 
 
 def test_controlnet(server, page, files):
