@@ -37,6 +37,13 @@ EXAMPLES = [
     ["close-up photo of a ceramic mug on a wooden table", "low quality"],
 ]
 NO_ADAPTER = "(none)"
+MICRO_CONDITIONING = {
+    "original_size": ("Original height", "Original width"),
+    "crops_coords_top_left": ("Crop top", "Crop left"),
+    "target_size": ("Target height", "Target width"),
+}
+"""SDXL's micro-conditioning fields the mode tabs offer ([height, width] and [top, left], as
+the API takes them); a pair left empty or 0 is not sent (the pipeline's default)."""
 
 
 class UIError(Exception):
@@ -284,6 +291,12 @@ class ServerView:
         scheduler: str,
         seed: float | None,
         num_images: float,
+        original_height: float | None,
+        original_width: float | None,
+        crop_top: float | None,
+        crop_left: float | None,
+        target_height: float | None,
+        target_width: float | None,
         request: gr.Request,
         progress=gr.Progress(),  # noqa: B008 - Gradio finds the progress tracker by this default
     ) -> tuple[str, list[dict[str, Any]], int | None]:
@@ -292,6 +305,9 @@ class ServerView:
         body = build_request(
             prompt, negative, adapters, width, height, steps, guidance, scheduler, seed, num_images
         )
+        micro = [original_height, original_width, crop_top, crop_left, target_height, target_width]
+        names = [f"{key}.{i}" for key in MICRO_CONDITIONING for i in (0, 1)]
+        body.update(micro_conditioning(dict(zip(names, micro, strict=True))))
         return self.submit("/generate", token, body, request, progress)
 
 
@@ -380,6 +396,30 @@ def sampling_controls(form: Form) -> None:
         )
 
 
+def micro_conditioning_controls(form: Form) -> None:
+    with gr.Accordion("Advanced: SDXL size conditioning", open=False, elem_id=form.id("advanced")):
+        gr.Markdown(
+            "Sizes as [height, width], the crop as [top, left]; a pair left empty (or 0) is "
+            "not sent: the default (the output's size, no crop)."
+        )
+        for key, labels in MICRO_CONDITIONING.items():
+            with gr.Row():
+                for i, label in enumerate(labels):
+                    form.fields[f"{key}.{i}"] = gr.Number(
+                        value=None, precision=0, label=label, elem_id=form.id(f"{key}-{i}")
+                    )
+
+
+def micro_conditioning(values: dict[str, Any]) -> dict[str, list[int]]:
+    """The micro-conditioning pairs a form sets (its values by name: `original_size.0`, ...)."""
+    pairs = {}
+    for key in MICRO_CONDITIONING:
+        pair = [values.get(f"{key}.0") or 0, values.get(f"{key}.1") or 0]
+        if any(pair):  # (0, 0): the default crop; a size of 0 is no size
+            pairs[key] = [int(v) for v in pair]
+    return pairs
+
+
 def output_controls(form: Form, action: str) -> None:
     """The run button, "Reuse seed", the gallery (data URLs) and each image's metadata."""
     with gr.Row():
@@ -459,12 +499,13 @@ def text_to_image_tab(view: ServerView, token: gr.components.Component) -> Form:
             adapter_controls(form)
             size_controls(form)
             sampling_controls(form)
+            micro_conditioning_controls(form)
         with gr.Column(scale=1):
             output_controls(form, "Generate")
     f = form.fields
     inputs = [token, f["prompt"], f["negative"], *form.slots]
     inputs += [f[k] for k in ("width", "height", "steps", "guidance", "scheduler", "seed")]
-    inputs.append(f["num_images"])
+    inputs += [f["num_images"], *(f[f"{key}.{i}"] for key in MICRO_CONDITIONING for i in (0, 1))]
     form.run.click(view.generate, inputs, form.outputs(), concurrency_limit=None)
     f["prompt"].submit(view.generate, inputs, form.outputs(), concurrency_limit=None)
     return form

@@ -23,6 +23,8 @@ from service.ui import (
     _headers,
     adapter_controls,
     form_request,
+    micro_conditioning,
+    micro_conditioning_controls,
     output_controls,
     prompt_controls,
     sampling_controls,
@@ -33,14 +35,6 @@ from service.ui import (
 NO_REFINER = (
     "This server has no refiner (`BENTOLORA_REFINER` is not set): the refiner's tabs are off."
 )
-MICRO_CONDITIONING = {
-    "original_size": ("Original height", "Original width"),
-    "crops_coords_top_left": ("Crop top", "Crop left"),
-    "target_size": ("Target height", "Target width"),
-}
-"""SDXL's micro-conditioning fields the mode tabs offer ([height, width] and [top, left], as
-the API takes them); a pair left empty or 0 is not sent (the pipeline's default)."""
-
 IMAGE_TEMPLATE = """<div class="bl-image">
 <label>${caption} <input type="file" accept="image/png,image/jpeg,image/webp"></label>
 ${value ? `<img src="${value}" alt="${caption}">` : `<p>No image chosen.</p>`}
@@ -182,20 +176,6 @@ def image_data(value: str | None) -> str | None:
     return value.split(",", 1)[1]
 
 
-def micro_conditioning_controls(form: Form) -> None:
-    with gr.Accordion("Advanced: SDXL size conditioning", open=False, elem_id=form.id("advanced")):
-        gr.Markdown(
-            "Sizes as [height, width], the crop as [top, left]; a pair left empty (or 0) is "
-            "not sent: the default (the output's size, no crop)."
-        )
-        for key, labels in MICRO_CONDITIONING.items():
-            with gr.Row():
-                for i, label in enumerate(labels):
-                    form.fields[f"{key}.{i}"] = gr.Number(
-                        value=None, precision=0, label=label, elem_id=form.id(f"{key}-{i}")
-                    )
-
-
 @dataclass
 class Mode:
     """One tab: its endpoint and the controls its request takes beyond prompt and sampling."""
@@ -284,10 +264,7 @@ def mode_request(mode: Mode, values: dict[str, Any], slots: list[Any]) -> dict[s
         body["handoff"] = float(values["handoff"])
     if mode.controlnet:
         body["controlnets"] = [control_choice(values)]
-    for key in MICRO_CONDITIONING:
-        pair = [values.get(f"{key}.0") or 0, values.get(f"{key}.1") or 0]
-        if any(pair):  # (0, 0): the default crop; a size of 0 is no size
-            body[key] = [int(v) for v in pair]
+    body.update(micro_conditioning(values))
     return body
 
 

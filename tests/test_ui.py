@@ -271,7 +271,7 @@ def test_images_generated_through_the_ui_are_not_left_on_disk_for_anyone_to_down
     server, tmp_path_factory
 ):
     form = [TOKEN, "a red bicycle", "", "(none)", 1.0, "(none)", 1.0, "(none)", 1.0]
-    form += [64, 64, 3, 5.0, "euler", 7, 2]
+    form += [64, 64, 3, 5.0, "euler", 7, 2, None, None, None, None, None, None]
     answer = call_ui(server, "generate", form)
     assert "event: complete" in answer, answer[:500]
     # Anything the answer points to on the server must not be downloadable without the token.

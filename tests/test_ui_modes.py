@@ -189,6 +189,27 @@ def test_img2img_with_size_conditioning(server, page, files):
     assert "strength" in metadata and "0.6" in metadata and "img2img" in metadata
 
 
+def test_text_to_image_with_size_conditioning(server, page):
+    """The text-to-image tab (service/ui.py) offers the micro-conditioning fields too."""
+    open_tab(page, server, "img2img", "Image to image")
+    page.get_by_role("tab", name="Text to image", exact=True).click()
+    page.locator("#prompt textarea").fill("a bridge")
+    set_number(page, "steps", 4)
+    set_number(page, "seed", 6)
+    page.locator("#advanced").get_by_text("Advanced").click()
+    set_number(page, "crops_coords_top_left-0", 16)
+    set_number(page, "target_size-0", 32)
+    set_number(page, "target_size-1", 48)
+    page.locator("#generate").click()
+    page.locator("#gallery img").wait_for()
+    src = page.locator("#gallery img").get_attribute("src")
+    ui = [pixels(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))]
+    body = {"prompt": "a bridge", "seed": 6, "width": 64, "height": 64, "adapters": [], **COMMON}
+    sized = {"crops_coords_top_left": [16, 0], "target_size": [32, 48]}
+    assert_same(ui, api(server, "/generate", body | sized))
+    assert np.abs(ui[0] - api(server, "/generate", body)[0]).max() > TOLERANCE
+
+
 def test_inpaint_and_a_mask_of_another_size(server, page, files):
     open_tab(page, server, "inpaint", "Inpaint")
     fill_common(page, "inpaint", "a roof", 8, adapter=False)
