@@ -1,15 +1,15 @@
 """The web UI at /ui: a Gradio app in the service's own process and port.
 
 A tab per mode: text to image here; image to image, inpainting, ControlNet and the refiner in
-service.ui_modes, built from the same controls (the `Form` functions below). The UI is one more
-client of the service: it calls `/generate` (and the modes' endpoints) and `/adapters/` over loopback
-with the token the user types, so the same checks, batching, queue bound and limits apply to it
-as to any client, and opening the UI reveals nothing a token would guard. What it reads directly
-from the process without the token is public anyway: whether the server is ready (as /readyz)
-and the denoising progress of the batch running on the GPU; the base's native size (the form's
-starting size) only once the token has listed the adapters. Generated images reach the browser
-as data URLs inside the answer, never as files: Gradio would keep a file in its cache folder and
-serve it to anyone who has its path.
+service.ui_modes, each built from the same controls (`Form` and the functions that fill it).
+The UI is one more client of the service: it calls `/generate` (and the modes' endpoints),
+`/adapters/` and `/controlnets/` over loopback with the token the user types, so the same
+checks, batching, queue bound and limits apply to it as to any client, and opening the UI
+reveals nothing a token would guard. What it reads directly from the process without the token
+is public anyway: whether the server is ready (as /readyz) and the denoising progress of the
+batch running on the GPU; the base's native size (the form's starting size) only once the token
+has listed the adapters. Images travel inside the calls as data URLs both ways, never as files:
+Gradio would keep a file in its cache folder and serve it to anyone who has its path.
 """
 
 import html

@@ -35,6 +35,7 @@ from service.ui import (
 NO_REFINER = (
     "This server has no refiner (`BENTOLORA_REFINER` is not set): the refiner's tabs are off."
 )
+NO_CONTROLNET = "None in the store (`bentolora-models import-controlnet` adds one)."
 IMAGE_TEMPLATE = """<div class="bl-image">
 <label>${caption} <input type="file" accept="image/png,image/jpeg,image/webp"></label>
 ${value ? `<img src="${value}" alt="${caption}">` : `<p>No image chosen.</p>`}
@@ -383,7 +384,8 @@ class ModeTabs:
                     updates.append(gr.update())
                 else:
                     names = [row["name"] for row in listing["controlnets"]]
-                    updates.append(gr.update(choices=names, value=names[0] if names else None))
+                    value, info = (names[0], None) if names else (None, NO_CONTROLNET)
+                    updates.append(gr.update(choices=names, value=value, info=info))
             if tab.mode.refiner:
                 if listing is None:
                     updates += [gr.update(value=why_not), gr.update()]

@@ -164,7 +164,8 @@ def test_the_refiner_tabs_are_off_when_the_server_has_no_refiner():
     assert control["choices"] == ["canny"] and control["value"] == "canny"
     assert refiner[0]["value"] == NO_REFINER and refiner[1]["interactive"] is False
     assert refiner[2]["value"] == NO_REFINER and refiner[3]["interactive"] is False
-    _, note, run, *_ = tabs.updates({"controlnets": [], "refiner": "sdxl-refiner:v1"}, "")
+    control, note, run, *_ = tabs.updates({"controlnets": [], "refiner": "sdxl-refiner:v1"}, "")
     assert "sdxl-refiner:v1" in note["value"] and run["interactive"] is True
+    assert control["choices"] == [] and "import-controlnet" in control["info"]
     _, note, run, *_ = tabs.updates(None, "enter the token")
     assert note["value"] == "enter the token" and "interactive" not in run
