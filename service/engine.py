@@ -633,8 +633,10 @@ NOT_SETTINGS: dict = {
     "image": True,
     "mask": True,
     "controlnets": {"__all__": {"image"}},
+    "deadline_s": True,
 }
-"""Request fields a response's settings leave out: adapters (listed apart), client images."""
+"""Request fields a response's settings leave out: adapters (listed apart), client images, the
+deadline (not a setting of the image). Fields left unset (None: micro-conditioning) too."""
 
 
 @dataclass(frozen=True)
@@ -653,7 +655,7 @@ class Pending:
     def finish(self) -> GeneratedImage:
         data, encode_s = self.encoded.result()
         mode = {"mode": self.mode} if self.mode is not None else {}
-        settings = self.request.model_dump(exclude=NOT_SETTINGS) | {
+        settings = self.request.model_dump(exclude=NOT_SETTINGS, exclude_none=True) | {
             "seed": self.seed,
             "base": self.base,
             **mode,
