@@ -10,6 +10,14 @@ feeding Engine.generate, or the step scheduler's queue):
   arrival times (seeded) for both modes, a fixed number of requests: throughput and p50/p95/p99
   of arrival-to-answer latency.
 Requests take the bench's adapters in turn, so batches mix adapter sets.
+
+`http_open_loop_rows` measures the same over HTTP against a real `bentoml serve` per entry
+(--open-loop-where http|both): request-level batching (the service's Batcher), the step
+scheduler behind the async /generate (BENTOLORA_STEP_ENTRY=async) and behind BentoML's
+batchable /generate (BENTOLORA_STEP_ENTRY=batchable), each load a fraction of the
+least of the three servers' saturation throughputs (4 × batch requests at once), the same
+seeded arrivals for all three. The three servers are up together and measured in turn, phase
+by phase.
 """
 
 from __future__ import annotations
@@ -142,3 +150,125 @@ async def _open(entry, make, arrivals: list[float]) -> tuple[list[float], float]
 
     latencies = await asyncio.gather(*(at(t) for t in arrivals))
     return list(latencies), time.perf_counter() - started
+
+
+HTTP_ENTRIES = {
+    "request": {"scheduling": "request"},
+    "step async": {"scheduling": "step", "step_entry": "async"},
+    "step batchable": {"scheduling": "step", "step_entry": "batchable"},
+}
+"""Row label -> the server's settings, for the HTTP open-loop rows."""
+HTTP_WARMUP = 12
+"""Requests one at a time before measuring: the adapters' first loads, and BentoML's batchable
+dispatcher's training phase (its first ~11 batches, one request each)."""
+
+
+def http_open_loop_rows(
+    device: str,
+    batch: int,
+    work: Workload,
+    adapters: list[str],
+    loads: list[float],
+    requests: int,
+    log_dir,
+    timeout_s: float,
+    speed: dict | None = None,
+) -> list[Row]:
+    """The rows above over HTTP, a server per entry in HTTP_ENTRIES, all up at once and measured
+    in turn phase by phase (alone, saturation, each load: request-level, then the two step
+    entries), so a change in what else the machine runs hits every entry alike."""
+    from bench import server
+
+    procs, urls, cold = [], {}, {}
+    try:
+        for mode, settings in HTTP_ENTRIES.items():
+            log_path = log_dir / f"server-open-loop-{mode.replace(' ', '-')}.log"
+            proc, urls[mode], cold[mode] = server.start(
+                device, batch, log_path, timeout_s, {**(speed or {}), **settings}
+            )
+            procs.append(proc)
+        with server.MemorySampler(procs[-1].pid, device) as memory:
+            rows = asyncio.run(_http_rows(urls, work, adapters, batch, loads, requests))
+    finally:
+        for proc in procs:
+            server.stop(proc)
+    for row in rows:
+        mode = row.extra["mode"]
+        row.warmup_s = cold[mode]
+        # One server's tree (the last's: the batchable entry's) on a CPU; in use on the GPU.
+        row.peak_memory_gb, row.memory_kind = memory.peak / 2**30, memory.kind()
+        if mode != "request":  # each step row against the request-level row of the same load
+            row.baseline = row.name.replace(f", {mode},", ", request,")
+    return rows
+
+
+async def _http_rows(urls, work, adapters, batch, loads, requests) -> list[Row]:
+    import httpx
+
+    from bench.server import body
+
+    counter = iter(range(10**9))
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=900.0, limits=limits) as client:
+
+        async def one(url: str) -> tuple[float, list[dict]]:
+            started = time.perf_counter()
+            response = await client.post(
+                url + "/generate", json=body(work, next(counter), adapters)
+            )
+            response.raise_for_status()
+            timings = [image["timings"] for image in response.json()[0]["images"]]
+            return time.perf_counter() - started, timings
+
+        async def many(url: str, arrivals: list[float]):
+            started = time.perf_counter()
+
+            async def at(offset: float):
+                await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
+                return await one(url)
+
+            done = await asyncio.gather(*(at(t) for t in arrivals))
+            wall = time.perf_counter() - started
+            return [d[0] for d in done], wall, [t for d in done for t in d[1]]
+
+        for url in urls.values():
+            for _ in range(HTTP_WARMUP):
+                await one(url)
+        rows: list[Row] = []
+        alone: dict[str, float] = {}
+        for mode, url in urls.items():
+            [alone[mode]], _, timings = await many(url, [0.0])
+            name = f"open loop HTTP, {mode}, one request alone"
+            rows.append(_http_row(name, [alone[mode]], alone[mode], 1, mode, timings))
+        burst = 4 * batch
+        saturation = []
+        for mode, url in urls.items():
+            latencies, wall, timings = await many(url, [0.0] * burst)
+            name = f"open loop HTTP, {mode}, saturation ({burst} at once)"
+            rows.append(_http_row(name, latencies, wall, burst, mode, timings))
+            saturation.append(burst / wall)
+        # The least of the entries' saturation throughputs: the same arrivals for all, and at
+        # 90% none is offered more than it serves (over HTTP on a CPU the step scheduler's is
+        # the lower one).
+        capacity = min(saturation)
+        for load in loads:
+            arrivals = _poisson(load * capacity, requests, seed=int(load * 1000))
+            for mode, url in urls.items():
+                latencies, wall, timings = await many(url, arrivals)
+                name = f"open loop HTTP, {mode}, {load:.0%} load"
+                row = _http_row(name, latencies, wall, requests, mode, timings)
+                row.extra["offered_requests_s"] = round(load * capacity, 4)
+                row.extra["p95_over_alone"] = row.latency(95) / alone[mode]
+                rows.append(row)
+                log.info("%s: p95 %.3f s (alone %.3f s)", name, row.latency(95), alone[mode])
+        return rows
+
+
+def _http_row(name, latencies, wall, images, mode, timings) -> Row:
+    """An HTTP row, with what the server's timings say of its batches: the most images that
+    shared a step (or a pipeline call) and the most requests' entries one batch held."""
+    row = _row(name, latencies, wall, images, mode)
+    row.section = "open loop"
+    row.extra["batch_images_max"] = max((t.get("batch_images", 0) for t in timings), default=0)
+    row.extra["batch_requests_max"] = max((t.get("batch_requests", 0) for t in timings), default=0)
+    return row

@@ -75,6 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--open-loop-requests", type=int, default=24, help="requests per open-loop load")
     p.add_argument(
+        "--open-loop-where",
+        choices=("process", "http", "both"),
+        default="process",
+        help="open-loop rows in process (request-level vs step, the service's own entries), "
+        "over HTTP (a server each for request-level, step behind the async /generate, step "
+        "behind BentoML's batchable /generate: BENTOLORA_STEP_ENTRY), or both",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="profile one engine call with an adapter per engine section (profile-*.txt)",
@@ -294,7 +302,7 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
                 server.stop(proc)
             _add(rows, http_rows, flops, work)
         save()
-    if args.open_loop and not args.skip_serve:
+    if args.open_loop and not args.skip_serve and args.open_loop_where != "http":
         from bench.open_loop import open_loop_rows
 
         with section("open loop"):
@@ -313,6 +321,27 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
                 work,
             )
         _free()
+        save()
+    if args.open_loop and not args.skip_serve and args.open_loop_where != "process":
+        from bench.open_loop import http_open_loop_rows
+
+        with section("open loop http"):
+            _add(
+                rows,
+                http_open_loop_rows(
+                    device,
+                    args.batch,
+                    work,
+                    adapters[:2],
+                    args.open_loop,
+                    args.open_loop_requests,
+                    args.out,
+                    args.server_timeout,
+                    speed,
+                ),
+                flops,
+                work,
+            )
         save()
     if not args.skip_train:
         train_work = training.TrainWork(args.size, args.batch, args.train_steps, args.train_rank)

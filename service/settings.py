@@ -146,10 +146,11 @@ class Settings:
     whole batch to finish. See README, "Request-level or step-level batching"."""
     step_entry: str = "async"
     """BENTOLORA_STEP_ENTRY: how /generate feeds the step scheduler (BENTOLORA_SCHEDULING=step):
-    async hands each request to it as it arrives; batchable makes /generate a BentoML batchable
-    API whose batches (the entries of concurrent requests, formed while the previous batch runs)
-    go to it. async measured better (bench/RESULTS.md); batchable is there to compare. Ignored
-    with BENTOLORA_SCHEDULING=request."""
+    async hands each request to it as it arrives, to join the running batch at the next step;
+    batchable makes /generate a BentoML batchable API whose batches (concurrent requests'
+    entries, gathered while the previous batch runs: one at a time) go to it. Keep async: lower
+    p95 at 60-90% load with 16 steps, no clear winner with 4 (bench/RESULTS.md), and a client
+    that leaves is logged 499; batchable is there to compare. Ignored with BENTOLORA_SCHEDULING=request."""
     mixed_max_rank: int = 32
     """BENTOLORA_MIXED_MAX_RANK: a batch whose requests use different adapter sets runs as one
     pipeline call, each image with its own low-rank terms; this is the rank one set may have on
