@@ -219,3 +219,29 @@ def test_adapters_that_cannot_be_merged_are_refused(tiny_base, adapters, tmp_pat
     save_file({k: v for k, v in tensors.items() if "lora_B" not in k or "conv_in" not in k}, half)
     with pytest.raises(AdapterError, match="conv_in lacks its lora_A or lora_B"):
         read_factors(half, pipe, tag="half", device="cpu")
+
+
+def test_grouped_merges_write_each_layer_s_own_sum(tiny_base, adapters, monkeypatch):
+    """Layers merged by shape group, in chunks of any size, get W0 + Σ scale·s·B@A each, as a
+    merge layer by layer computes it."""
+    import models.lora_fusion as lora_fusion
+
+    written = []
+    for chunk_bytes in (lora_fusion.MERGE_CHUNK_BYTES, 1):  # one chunk per group; one per layer
+        monkeypatch.setattr(lora_fusion, "MERGE_CHUNK_BYTES", chunk_bytes)
+        pipe = fresh(tiny_base)
+        a, b, _ = (read_factors(weights_path(e), pipe, tag=e.tag, device="cpu") for e in adapters)
+        base = {
+            layer: weight_of(pipe, layer).clone() for layer in a.layers.keys() | b.layers.keys()
+        }
+        FusedLora(pipe).activate([(a, 0.7), (b, -0.4)])
+        for layer, w0 in base.items():
+            want = w0.reshape(w0.shape[0], -1).float()
+            for factors, scale in ((a, 0.7), (b, -0.4)):
+                if layer in factors.layers:
+                    down, up, scaling = factors.layers[layer]
+                    want = want + scale * scaling * up.flatten(1) @ down.flatten(1)
+            got = weight_of(pipe, layer)
+            assert torch.allclose(got.reshape(want.shape).float(), want, atol=1e-5), layer
+        written.append({layer: weight_of(pipe, layer).clone() for layer in base})
+    assert all(torch.allclose(written[0][k], written[1][k], atol=1e-6) for k in written[0])
