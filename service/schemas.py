@@ -153,7 +153,7 @@ class MicroConditioning(BaseModel):
 RequestDeadline = Annotated[
     float | None,
     Field(
-        gt=0,
+        ge=0.1,  # not gt=0: OpenAPI 3.0 (BentoML's) has no numeric exclusiveMinimum
         le=86400,
         allow_inf_nan=False,
         description="seconds from arrival after which the server stops computing this request "

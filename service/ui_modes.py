@@ -83,15 +83,19 @@ MASK_JS = """
 let size = [64, 64], chosen = null, strokes = [], stroke = null, shown = '';
 const source = () => document.querySelector('#' + props.image_id + ' img');
 const canvas = () => element.querySelector('canvas');
+function sized() {  // a canvas the template has just rendered again has the default 300x150
+  const layer = canvas();
+  if (layer && (layer.width !== size[0] || layer.height !== size[1])) {
+    layer.width = size[0]; layer.height = size[1];
+  }
+  return layer;
+}
 function render() {
-  const layer = canvas(), img = source();
+  const layer = sized(), img = source();
   if (!layer) return;
   const stage = element.querySelector('.bl-stage');
   shown = img ? img.src.length + img.src.slice(-64) : '';
   stage.style.backgroundImage = img ? `url("${img.src}")` : 'none';
-  if (layer.width !== size[0] || layer.height !== size[1]) {
-    layer.width = size[0]; layer.height = size[1];
-  }
   const ctx = layer.getContext('2d');
   ctx.clearRect(0, 0, size[0], size[1]);
   if (chosen) ctx.drawImage(chosen, 0, 0);
@@ -112,8 +116,8 @@ function exported() {
   return out.toDataURL('image/png');
 }
 function publish(value) { props.value = value; trigger('change'); setTimeout(render, 0); setTimeout(render, 100); }
-function point(e) {
-  const r = canvas().getBoundingClientRect();
+function point(e) {  // in image pixels, whatever size the canvas is shown at
+  const r = sized().getBoundingClientRect();
   return [(e.clientX - r.left) * size[0] / r.width, (e.clientY - r.top) * size[1] / r.height];
 }
 element.addEventListener('pointerdown', (e) => {

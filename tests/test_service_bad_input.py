@@ -91,7 +91,12 @@ GENERATE_CASES = [
         "'png', 'jpeg' or 'webp'",
     ),
     ("wrong type", {"prompt": "x", "steps": "many"}, "steps", "valid integer"),
-    ("deadline zero", {"prompt": "x", "deadline_s": 0}, "deadline_s", "greater than 0"),
+    (
+        "deadline zero",
+        {"prompt": "x", "deadline_s": 0},
+        "deadline_s",
+        "greater than or equal to 0.1",
+    ),
     ("deadline a day", {"prompt": "x", "deadline_s": 86401}, "deadline_s", "less than or equal"),
     ("size of one", {"prompt": "x", "original_size": [64]}, "original_size", "Field required"),
     (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import bentoml
 import httpx
@@ -233,7 +234,7 @@ def test_inpaint_and_a_mask_of_another_size(server, page, files):
     # a mask drawn on the image: one stroke down its left quarter
     page.locator("#inpaint-mask .bl-clear").click()
     canvas = page.locator("#inpaint-mask canvas")
-    box = canvas.bounding_box()
+    box = settled_box(page, canvas)
     x = box["x"] + box["width"] * 0.2
     page.mouse.move(x, box["y"] + 4)
     page.mouse.down()
@@ -254,6 +255,21 @@ def test_inpaint_and_a_mask_of_another_size(server, page, files):
     drawn.save(buffer, "PNG")
     body["mask"] = base64.b64encode(buffer.getvalue()).decode()
     assert_same(ui, api(server, "/inpaint", body))
+
+
+def settled_box(page, canvas, timeout_s: float = 30) -> dict:
+    """The canvas's box once the page has drawn it again after a change (the template renders
+    again when its value changes, on a loaded machine well after the click): the same box, of
+    a square 64² canvas, three times in a row."""
+    deadline = time.monotonic() + timeout_s
+    boxes: list = []
+    while time.monotonic() < deadline:
+        size = canvas.evaluate("c => [c.width, c.height]")
+        boxes = [*boxes[-2:], canvas.bounding_box()] if size == [64, 64] else []
+        if len(boxes) == 3 and boxes[0] == boxes[2] and boxes[2]["height"] == boxes[2]["width"]:
+            return boxes[2]
+        page.wait_for_timeout(200)
+    raise AssertionError(f"the mask canvas did not settle: {boxes}")
 
 
 def drawn_mask(page) -> Image.Image:
