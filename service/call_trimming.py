@@ -87,7 +87,7 @@ class Trim:
 
     def _drop(self, pipe: Any, leaving: list[int], tensors: dict) -> dict:
         n = len(self.kept)
-        stay = [j for j in range(n) if j not in set(leaving)]
+        stay = sorted(set(range(n)) - set(leaving))
         log.info("%d of %d images left the call at a step boundary", len(leaving), n)
         out = {name: _rows(value, stay, n) for name, value in tensors.items()}
         scheduler = pipe.scheduler

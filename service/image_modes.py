@@ -87,24 +87,14 @@ def steps_run(request: Any) -> int:
     return min(int(request.steps * strength), request.steps)
 
 
-def micro_conditioning(request: Any) -> dict:
-    """`request`'s SDXL micro-conditioning, as the pipeline's keyword arguments (none for a
-    plain GenerateRequest)."""
-    fields = getattr(request, "micro_conditioning", None)
-    return fields() if fields is not None else {}
-
-
 def mode_key(request: Any, adapters: tuple) -> tuple:
-    """What the requests of one pipeline call must share."""
+    """What the requests of one pipeline call must share: what /generate's must
+    (service.engine.group_key), and what these pipelines take as one value for a call."""
+    from service.engine import group_key
+
     return (
-        request.width,
-        request.height,
-        request.steps,
-        request.guidance,
-        request.scheduler,
-        bool(request.negative_prompt),
+        *group_key(request),
         getattr(request, "strength", None),
-        tuple(sorted(micro_conditioning(request).items())),
         _control_key(request),
         getattr(request, "handoff", None),
         adapters,
@@ -438,7 +428,7 @@ class Call:
             "negative_prompt": self.inputs("negative_prompt") if first.negative_prompt else None,
             "num_inference_steps": first.steps,
             "guidance_scale": first.guidance,
-            **micro_conditioning(first),
+            **first.micro_conditioning(),
         }
         if self.mode in ("img2img", "inpaint", "refine"):
             arguments |= {"image": self.inputs("_image"), "strength": first.strength}
