@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from models import float8
 from models.adapter import AdapterError, check_fits, load_adapter_weights
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,8 @@ class FusedLora:
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self._base: dict[Layer, torch.Tensor] = {}
-        self._weights: dict[Layer, torch.Tensor] = {}
+        self._base: dict[Layer, tuple[torch.Tensor, ...]] = {}
+        self._parts: dict[Layer, tuple[torch.Tensor, ...]] = {}
         self._merged: set[Layer] = set()
         self._active: tuple[tuple[str, float], ...] = ()
         """(tag, scale) of each adapter merged now; empty: the base's own weights."""
@@ -165,8 +166,8 @@ class FusedLora:
         restored = sorted(self._merged - terms.keys())
         if restored:
             torch._foreach_copy_(
-                [self._weight(layer) for layer in restored],
-                [self._base[layer] for layer in restored],
+                [part for layer in restored for part in self._parts_of(layer)],
+                [part for layer in restored for part in self._base[layer]],
             )
         for group in self._groups(terms):
             self._merge(group, terms)
@@ -181,68 +182,94 @@ class FusedLora:
         for layer in sorted(terms):
             base = self._base_of(layer)
             rank = sum(down.shape[0] for down, _, _ in terms[layer])
-            groups.setdefault((tuple(base.shape), base.dtype, base.device, rank), []).append(layer)
+            key = tuple((tuple(part.shape), part.dtype, part.device) for part in base)
+            groups.setdefault((*key, rank), []).append(layer)
         chunks = []
-        for (shape, *_), layers in groups.items():
+        for ((shape, *_), *_), layers in groups.items():
             per_chunk = max(1, MERGE_CHUNK_BYTES // (4 * math.prod(shape)))
             chunks.extend(layers[i : i + per_chunk] for i in range(0, len(layers), per_chunk))
         return chunks
 
     def _merge(self, layers: list[Layer], terms: Mapping[Layer, list]) -> None:
         """`W0 + Σ coefficient · B @ A` (float32) into the weights of `layers`, which share a
-        shape and merged rank: one batched matmul and one foreach copy."""
+        shape and merged rank: one batched matmul and one foreach copy. A float8 weight
+        (`models.float8`) is merged from its kept float8 base and quantized again by rows."""
         ups = torch.stack(
             [torch.cat([up.flatten(1) * c for _, up, c in terms[layer]], dim=1) for layer in layers]
         )
         downs = torch.stack(
             [torch.cat([down.flatten(1) for down, _, _ in terms[layer]]) for layer in layers]
         )
-        bases = torch.stack([self._base[layer] for layer in layers])
-        merged = torch.baddbmm(bases.flatten(2).float(), ups, downs).to(bases.dtype)
-        weights = [self._weight(layer) for layer in layers]
+        bases = [self._base[layer] for layer in layers]
+        quantized = len(bases[0]) == 2  # (qdata, scale): a float8 weight
+        if quantized:
+            values = float8.dequantize_rows(
+                torch.stack([q for q, _ in bases]), torch.stack([s for _, s in bases])
+            )
+        else:
+            values = torch.stack([w for (w,) in bases]).float()
+        merged = torch.baddbmm(values.flatten(2), ups, downs)
+        if quantized:
+            qdata, scale = float8.quantize_rows(merged, self._weight_dtype(layers[0]))
+            sources = [t for pair in zip(qdata, scale, strict=True) for t in pair]
+        else:
+            sources = list(merged.to(bases[0][0].dtype))
+        targets = [part for layer in layers for part in self._parts_of(layer)]
         torch._foreach_copy_(
-            weights, [m.view(w.shape) for m, w in zip(merged, weights, strict=True)]
+            targets, [m.view(t.shape) for m, t in zip(sources, targets, strict=True)]
         )
 
-    def _weight(self, layer: Layer) -> torch.Tensor:
-        weight = self._weights.get(layer)
-        if weight is None:
-            weight = self._weights[layer] = weight_of(self.pipe, layer)
-        return weight
+    def _parts_of(self, layer: Layer) -> tuple[torch.Tensor, ...]:
+        """The views that hold `layer`'s weight (`models.float8.parts`)."""
+        found = self._parts.get(layer)
+        if found is None:
+            weight, rows = weight_rows(self.pipe, layer)
+            found = self._parts[layer] = float8.parts(weight, rows)
+        return found
 
-    def _base_of(self, layer: Layer) -> torch.Tensor:
+    def _weight_dtype(self, layer: Layer) -> torch.dtype:
+        return weight_rows(self.pipe, layer)[0].dtype
+
+    def _base_of(self, layer: Layer) -> tuple[torch.Tensor, ...]:
         """`layer`'s base values, kept (once, on the weight's device) before its first merge."""
         base = self._base.get(layer)
         if base is None:
-            base = self._base[layer] = self._weight(layer).detach().clone()
+            base = self._base[layer] = tuple(p.detach().clone() for p in self._parts_of(layer))
         return base
 
 
 def weight_of(pipe, layer: Layer) -> torch.Tensor:
     """The weight tensor (or, after `fuse_qkv_projections`, the rows of the fused one) that
     holds `layer`'s weights: writing into it changes what the model computes."""
+    weight, rows = weight_rows(pipe, layer)
+    return weight[rows]
+
+
+def weight_rows(pipe, layer: Layer) -> tuple[torch.Tensor, slice]:
+    """The weight parameter that holds `layer`'s weights, and its rows that do: all of them,
+    or, after `fuse_qkv_projections`, the layer's share of the fused q/k/v weight."""
     component, module = layer
     model = getattr(pipe, component)
     parent_path, _, name = module.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     if getattr(parent, "fused_projections", False) and name in ("to_q", "to_k", "to_v"):
         return _fused_rows(parent, name)
-    return model.get_submodule(module).weight
+    return model.get_submodule(module).weight, slice(None)
 
 
-def _fused_rows(attention, name: str) -> torch.Tensor:
+def _fused_rows(attention, name: str) -> tuple[torch.Tensor, slice]:
     """diffusers' Attention after `fuse_projections`: self-attention reads `to_qkv` (q, k, v
     stacked by rows), cross-attention reads `to_q` and `to_kv` (k, v stacked)."""
     if not attention.is_cross_attention:
         order, fused = ("to_q", "to_k", "to_v"), attention.to_qkv.weight
     elif name == "to_q":
-        return attention.to_q.weight
+        return attention.to_q.weight, slice(None)
     else:
         order, fused = ("to_k", "to_v"), attention.to_kv.weight
     start = 0
     for part in order:
         rows = getattr(attention, part).weight.shape[0]
         if part == name:
-            return fused[start : start + rows]
+            return fused, slice(start, start + rows)
         start += rows
     raise AssertionError(name)

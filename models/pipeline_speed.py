@@ -4,6 +4,10 @@ Applied once, after loading and before any adapter is merged (`models.lora_fusio
 the fused QKV weights when those exist, so the fusing must come first):
 - `fuse_qkv`: one matmul for q, k and v of each self-attention (k and v of cross-attention);
 - `channels_last`: the UNet and VAE convolutions in NHWC, what tensor cores want;
+- `fp8`: the UNet's linear layers in float8 through torchao (`models.float8`: `dynamic` FP8
+  matmuls on compute capability ≥ 8.9, or `weight` storage only); after fusing, so the fused
+  q/k/v weights are the ones quantized, and before compiling; torchao's tensor subclass breaks
+  dynamo's graph under torch 2.13, so the UNet is then compiled without `fullgraph`;
 - `compile`: torch.compile of the UNet, either regionally (`blocks`: each transformer and ResNet
   block on its own; the blocks share code, so compiling is a fraction of the whole UNet's time)
   or as a whole (`unet`); the UNet is compiled in place (`module.compile()`), so its modules and
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("off", "blocks", "unet")
+FP8_MODES = ("off", "dynamic", "weight")
 EXTRA_BLOCK_CLASSES = ("ResnetBlock2D",)
 """What `blocks` compiles besides the UNet's `_repeated_blocks` (diffusers names
 BasicTransformerBlock): the ResNet blocks, which carry the convolutions and GroupNorm + SiLU."""
@@ -43,11 +48,16 @@ class SpeedOptions:
     """Fused q/k/v projections in the UNet's and VAE's attention."""
     compile_cache: str = ""
     """Inductor cache folder (TORCHINDUCTOR_CACHE_DIR); empty: torch's default under /tmp."""
+    fp8: str = "off"
+    """off, dynamic (float8 weights and activations: FP8 matmuls, CUDA capability ≥ 8.9) or
+    weight (float8 weights, bf16 matmuls: half the memory of the UNet's linear weights)."""
 
     def __post_init__(self) -> None:
         problems = []
         if self.compile not in COMPILE_MODES:
             problems.append(f"compile={self.compile!r} is not one of {', '.join(COMPILE_MODES)}")
+        if self.fp8 not in FP8_MODES:
+            problems.append(f"fp8={self.fp8!r} is not one of {', '.join(FP8_MODES)}")
         if self.cuda_graphs and self.compile == "off":
             problems.append("cuda_graphs needs compile (blocks or unet)")
         if problems:
@@ -63,6 +73,7 @@ class SpeedOptions:
             for name, value in (
                 ("fuse_qkv", self.fuse_qkv),
                 ("channels_last", self.channels_last),
+                (f"fp8={self.fp8}", self.fp8 != "off"),
                 (f"compile={self.compile}", self.compile != "off"),
                 ("cuda_graphs", self.cuda_graphs),
             )
@@ -77,19 +88,29 @@ def speed_up(pipe, options: SpeedOptions, device: str) -> int:
     every thread that runs the pipeline."""
     import torch
 
+    from models.float8 import check_device, quantize_unet
+
     if options.cuda_graphs and not device.startswith("cuda"):
         raise ValueError(f"cuda_graphs needs a CUDA device, not {device!r}")
+    fp8_problem = check_device(options.fp8, device)
+    if fp8_problem:
+        raise ValueError(fp8_problem)
     if options.fuse_qkv:
         pipe.fuse_qkv_projections()
     if options.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+    if options.fp8 != "off":
+        quantize_unet(pipe.unet, options.fp8, device)
     if options.compile == "off":
         return 0
     if options.compile_cache:
         os.makedirs(options.compile_cache, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = options.compile_cache
-    count = compile_unet(pipe.unet, options.compile, fullgraph=True, mode=options.compile_mode())
+    fullgraph = options.fp8 == "off"
+    count = compile_unet(
+        pipe.unet, options.compile, fullgraph=fullgraph, mode=options.compile_mode()
+    )
     log.info("compiled %d UNet module(s) (%s, %s)", count, options.compile, options.compile_mode())
     return recompile_limit(count)
 

@@ -178,6 +178,10 @@ class Settings:
     compile_cache: str = ""
     """BENTOLORA_COMPILE_CACHE: folder for compiled kernels (a persistent volume makes restarts
     skip compiling); empty: torch's default under /tmp."""
+    fp8: str = "off"
+    """BENTOLORA_FP8: the UNet's linear layers in float8 (torchao, `pip install
+    'bentolora[fp8]'`): dynamic (FP8 matmuls; CUDA capability ≥ 8.9), weight (float8 storage,
+    bf16 matmuls: less memory, not faster) or off. Needs BENTOLORA_LORA_MODE=fused."""
     encode_workers: int = 0
     """BENTOLORA_ENCODE_WORKERS: processes that encode generated images (PNG encoding holds
     Python's GIL, ~0.15 s a 1024² image, stalling the GPU's next call); 0 encodes inline."""
@@ -228,7 +232,11 @@ class Settings:
         elif self.lora_mode == "peft":
             # peft's layers change the module tree at every adapter change, and the fused
             # attention processor would bypass the LoRA on to_q/to_k/to_v.
-            for name, on in (("COMPILE", self.compile != "off"), ("FUSE_QKV", self.fuse_qkv)):
+            for name, on in (
+                ("COMPILE", self.compile != "off"),
+                ("FUSE_QKV", self.fuse_qkv),
+                ("FP8", self.fp8 != "off"),
+            ):
                 if on:
                     problems.append(f"BENTOLORA_{name} needs BENTOLORA_LORA_MODE=fused")
         try:
@@ -248,6 +256,7 @@ class Settings:
             channels_last=self.channels_last,
             fuse_qkv=self.fuse_qkv,
             compile_cache=self.compile_cache,
+            fp8=self.fp8,
         )
 
     @classmethod

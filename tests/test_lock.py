@@ -60,7 +60,7 @@ def test_the_runtime_set_is_bentolora_closure_at_the_locked_versions():
     assert all(pins[name] == version for name, version in runtime.items())
     _, needed = lock.read_environment(sys.executable)
     assert set(runtime) == {name for name in needed if name in pins}
-    for name in ("torch", "diffusers", "transformers", "peft", "bentoml", "gradio"):
+    for name in ("torch", "diffusers", "transformers", "peft", "bentoml", "gradio", "torchao"):
         assert name in runtime
     for name in ("pytest", "playwright", "schemathesis", "ruff"):
         assert name not in runtime

@@ -2,8 +2,8 @@
 
 `requirements/lock.txt` pins every package of the development environment (`pip install -e
 ".[test]"`) at the versions the whole test suite passed with; `requirements/runtime.txt` is the
-part of it that the service needs (bentolora's own dependencies and theirs), which the Bento images
-install. `pyproject.toml` keeps the honest ranges; the lock is generated from an installed
+part of it that the service needs (bentolora's own dependencies, its `fp8` extra, and theirs),
+which the Bento images install. `pyproject.toml` keeps the honest ranges; the lock is generated from an installed
 environment, never edited by hand.
 
     python tools/lock.py check [--python PY]   the environment of PY holds exactly the locked versions
@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements" / "lock.txt"
 RUNTIME = ROOT / "requirements" / "runtime.txt"
 PROJECT = "bentolora"
+RUNTIME_EXTRAS = ("fp8",)
+"""The extras the Bento images install beside bentolora's own dependencies (runtime.txt)."""
 # Installer tools, not dependencies: pip does not freeze them either.
 TOOLING = {"pip", "setuptools", "wheel", "distribute"}
 # What only a CUDA build of torch installs: present on GPU machines, absent on CPU ones
@@ -48,7 +50,8 @@ HEADER = """\
 """
 
 # Runs inside the environment being read (any Python with importlib.metadata and packaging):
-# prints {"installed": {name: version}, "runtime": [names needed by bentolora without extras]}.
+# prints {"installed": {name: version}, "runtime": [names bentolora needs with the extras named
+# after it on the command line]}.
 READ_ENVIRONMENT = r"""
 import json, sys
 from importlib import metadata
@@ -69,7 +72,7 @@ def requires(name, extras=()):
         if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in env_extras):
             yield canonicalize_name(req.name), tuple(req.extras)
 
-runtime, todo = set(), [(canonicalize_name(sys.argv[1]), ())]
+runtime, todo = set(), [(canonicalize_name(sys.argv[1]), tuple(sys.argv[2:]))]
 while todo:
     name, extras = todo.pop()
     if name not in dists:
@@ -94,7 +97,7 @@ def _public(version: str) -> str:
 def read_environment(python: str | Path) -> tuple[dict[str, str], set[str]]:
     """(every installed distribution -> version, names bentolora needs at run time) of `python`."""
     out = subprocess.run(
-        [str(python), "-c", READ_ENVIRONMENT, PROJECT],
+        [str(python), "-c", READ_ENVIRONMENT, PROJECT, *RUNTIME_EXTRAS],
         check=True,
         capture_output=True,
         text=True,
@@ -176,7 +179,8 @@ def write_lock(installed: dict[str, str], runtime: set[str], suite: str) -> None
         ),
         (
             RUNTIME,
-            "What bentolora needs at run time (its dependencies): the Bento images install it.",
+            "What bentolora needs at run time (its dependencies and its fp8 extra): the Bento "
+            "images install it.",
             [name for name in pins if name in runtime],
         ),
     )
