@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "compile=blocks,fuse_qkv,channels_last,cuda_graphs,encode_workers=8; none for none (default: "
         "compile=blocks,fuse_qkv,channels_last,encode_workers=8 on cuda, none on cpu)",
     )
+    p.add_argument(
+        "--fp8",
+        choices=("off", "dynamic", "weight"),
+        default="off",
+        help="one more engine section: the --speed options with BENTOLORA_FP8 set to this "
+        "(its images against eager diffusers: PSNR in the correctness table)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="results.json + .md here")
     p.add_argument("--skip-serve", action="store_true", help="no serving rows (in-process or HTTP)")
     p.add_argument("--skip-diffusers", action="store_true", help="no plain-diffusers rows")
@@ -174,6 +181,7 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
         "batch": args.batch,
         "peak_tflops": args.peak_tflops if device == "cuda" else None,
         "speed": args.speed,
+        "fp8": args.fp8,
     }
     speed = dict(args.speed)
     if speed:  # compiled in process first, so the server starts with the compile cache warm
@@ -238,6 +246,8 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
     engines = [("engine", "engine_start_s", {})]
     if speed:
         engines.append(("engine fast", "engine_fast_start_s", speed))
+    if args.fp8 != "off":
+        engines.append(("engine fp8", "engine_fp8_start_s", speed | {"fp8": args.fp8}))
     for section_name, start_key, settings in [] if args.skip_serve or args.skip_engine else engines:
         save()
         with section(section_name):

@@ -29,6 +29,12 @@ ROWS = [
     "engine (fuse_qkv, channels_last), LoRA switching a/b, batch 2",
     "engine (fuse_qkv, channels_last), batch 2, 1 adapters in the traffic",
     "engine (fuse_qkv, channels_last), batch 2, 2 adapters in the traffic",
+    "engine (fuse_qkv, channels_last, fp8=weight), batch 1",
+    "engine (fuse_qkv, channels_last, fp8=weight), batch 2",
+    "engine (fuse_qkv, channels_last, fp8=weight) + LoRA, batch 2",
+    "engine (fuse_qkv, channels_last, fp8=weight), LoRA switching a/b, batch 2",
+    "engine (fuse_qkv, channels_last, fp8=weight), batch 2, 1 adapters in the traffic",
+    "engine (fuse_qkv, channels_last, fp8=weight), batch 2, 2 adapters in the traffic",
     "engine (grouped by set), batch 2, 1 adapters in the traffic",
     "engine (grouped by set), batch 2, 2 adapters in the traffic",
     "HTTP service, concurrency 1, 2 adapters mixed",
@@ -53,7 +59,7 @@ def test_bench_runs_on_cpu_with_the_tiny_model(tmp_path):
     command += ["--repeats", "1", "--train-steps", "1", "--out", str(out)]
     command += ["--mixed-adapters", "1,2", "--open-loop", "0.5", "--open-loop-requests", "2"]
     # The speed options that need no compiler (compiling is tested in test_engine_speed).
-    command += ["--speed", "fuse_qkv,channels_last", "--profile"]
+    command += ["--speed", "fuse_qkv,channels_last", "--profile", "--fp8", "weight"]
     # About 2 min on 2 cores; the bound only stops a hang (a server that never gets ready).
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=480)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -78,6 +84,11 @@ def test_bench_runs_on_cpu_with_the_tiny_model(tmp_path):
             diff = results["correctness"][path][case]
             assert diff["max_abs_diff"] <= 2 and diff["psnr_db"] > 40, (path, case, diff)
 
+    # float8 weights: near the eager images, not equal to them.
+    for case in ("plain", "lora"):
+        diff = results["correctness"]["engine (fuse_qkv, channels_last, fp8=weight)"][case]
+        assert 0 < diff["max_abs_diff"] and diff["psnr_db"] > 30, (case, diff)
+
     # ...while the adapter itself changes the image far more than that.
     assert results["correctness"]["diffusers"]["lora vs no lora"]["max_abs_diff"] > 5
 
@@ -86,11 +97,12 @@ def test_bench_runs_on_cpu_with_the_tiny_model(tmp_path):
     assert [p["profiled"] for p in profiles] == [
         "engine + LoRA, batch 2",
         "engine (fuse_qkv, channels_last) + LoRA, batch 2",
+        "engine (fuse_qkv, channels_last, fp8=weight) + LoRA, batch 2",
     ]
     for profiled in profiles:
         assert abs(sum(profiled["share"].values()) - 1) < 0.01
         assert profiled["share"]["matmul"] > 0 and profiled["top"]
-    assert len(list(out.glob("profile-*.txt"))) == 2
+    assert len(list(out.glob("profile-*.txt"))) == 3
 
     table = (out / "results.md").read_text()
     assert all(name in table for name in ROWS)
