@@ -20,7 +20,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 if not __package__:  # `python bench/run.py`: import the project, not bench/'s siblings
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -161,40 +163,36 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(home, ignore_errors=True)
 
 
-def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the sections in order
-    import torch
+@dataclass
+class Bench:
+    """One benchmark run: its arguments, the header, rows and image comparisons it writes after
+    every section, and what the sections share (the work, the FLOP count, the adapters' names,
+    the eager diffusers images)."""
 
-    from bench import fixtures, pipelines, report, server, training
-    from bench.measure import Row, image_diff
-    from models.adapter import get_adapter
+    args: argparse.Namespace
+    home: Path
+    header: dict
+    speed: dict
+    """The fast rows' and the server's settings (`--speed`, warmed up, with a compile cache)."""
+    rows: list = field(default_factory=list)
+    correctness: dict = field(default_factory=dict)
+    work: Any = None
+    flops: dict | None = None
+    adapters: list[str] = field(default_factory=list)
+    reference: dict[str, list] = field(default_factory=dict)
+    """The eager diffusers images (plain, lora) every other path is compared with."""
 
-    device = args.device
-    header = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": _device_name(device),
-        "torch": torch.__version__,
-        "model": args.model,
-        "command": "python -m bench.run " + " ".join(sys.argv[1:]),
-        "size": args.size,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "batch": args.batch,
-        "peak_tflops": args.peak_tflops if device == "cuda" else None,
-        "speed": args.speed,
-        "fp8": args.fp8,
-    }
-    speed = dict(args.speed)
-    if speed:  # compiled in process first, so the server starts with the compile cache warm
-        speed |= {"warmup": True, "compile_cache": str(home / "inductor-cache")}
-    rows: list[Row] = []
-    correctness: dict = {}
+    def save(self) -> str:
+        from bench import report
 
-    def save() -> str:
-        report.set_ratios(rows)
-        return report.write(args.out, header, rows, correctness)
+        report.set_ratios(self.rows)
+        return report.write(self.args.out, self.header, self.rows, self.correctness)
+
+    def add(self, new) -> None:
+        _add(self.rows, new, self.flops, self.work)
 
     @contextlib.contextmanager
-    def section(name: str) -> Iterator[None]:
+    def section(self, name: str) -> Iterator[None]:
         """Time a section; a failing one is logged and recorded, and the next ones still run
         (one GPU call must bring back whatever could be measured)."""
         started = time.perf_counter()
@@ -202,179 +200,227 @@ def _run(args: argparse.Namespace, home: Path) -> int:  # noqa: C901 - the secti
             yield
         except Exception as err:
             logging.getLogger("bench").exception("section %s failed", name)
-            header.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"[:2000]
+            self.header.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"[:2000]
         finally:
-            header.setdefault("section_s", {})[name] = round(time.perf_counter() - started, 2)
+            self.header.setdefault("section_s", {})[name] = round(time.perf_counter() - started, 2)
 
-    base, times = fixtures.build_base(args.model, device)
-    header["base_build_s"], header["base_save_s"] = (
-        round(times["build_s"], 2),
-        round(times["save_s"], 2),
-    )
-    fixtures.build_clip()
-    work = pipelines.Workload(args.size, args.steps, args.batch, args.guidance, args.repeats)
 
-    pipe, header["baseline_load_s"] = pipelines.load_baseline(base, device)
-    flops = None
-    try:
-        flops = _flops(pipe, args)
-        header["flops"] = flops
-        header["tflop_per_image"] = round(flops["per_image"] / 1e12, 4)
-    except Exception as err:  # a FLOP count is a nicety; the timings stand without it
-        logging.getLogger("bench").warning("FLOP count failed: %s", err)
-    count = max([2, *args.mixed_adapters])
-    adapters = [
-        e.name.removeprefix("lora-")
-        for e in fixtures.build_adapters(base, pipe.unet, args.rank, count)
-    ]
+def _run(args: argparse.Namespace, home: Path) -> int:
+    """The sections in order of value; results are rewritten after each."""
+    import torch
 
-    reference: dict[str, list] = {}
-    if not args.skip_serve and not args.skip_diffusers:
-        with section("diffusers"):
-            reference_rows, reference = pipelines.baseline_rows(
-                pipe, get_adapter(adapters[0]), work, device
-            )
-            _add(rows, reference_rows, flops, work)
-            if (
-                "lora" in reference
-            ):  # how far the adapter moves the image: the diffs below are small next to it
-                correctness["diffusers"] = {
-                    "lora vs no lora": image_diff(reference["plain"], reference["lora"])
-                }
-    del pipe
-    _free()
-    engines = [("engine", "engine_start_s", {})]
-    if speed:
-        engines.append(("engine fast", "engine_fast_start_s", speed))
-    if args.fp8 != "off":
-        engines.append(("engine fp8", "engine_fp8_start_s", speed | {"fp8": args.fp8}))
-    for section_name, start_key, settings in [] if args.skip_serve or args.skip_engine else engines:
-        save()
-        with section(section_name):
-            engine, header[start_key] = pipelines.make_engine(device, args.batch, settings)
-            described = engine.settings.speed_options().describe()
-            label = f" ({described})" if settings else ""
-            try:
-                engine_rows, images = pipelines.engine_rows(engine, adapters, work, device, label)
-                engine_rows += pipelines.mixed_rows(
-                    engine, adapters, work, device, args.mixed_adapters, label
-                )
-                if args.profile:
-                    header.setdefault("profiles", []).append(
-                        pipelines.profile_engine(engine, adapters, work, device, args.out, label)
-                    )
-            finally:
-                del engine
-            _add(rows, engine_rows, flops, work)
-            correctness["engine" + label] = pipelines.correctness(reference, images)
-        _free()
-    if args.mixed_adapters and not (args.skip_serve or args.skip_engine):
-        with section("engine grouped"):  # before per-image LoRA: one call per adapter set
-            engine, _ = pipelines.make_engine(device, args.batch, {"mixed_max_rank": 0})
-            try:
-                _add(
-                    rows,
-                    pipelines.mixed_rows(
-                        engine, adapters, work, device, args.mixed_adapters, " (grouped by set)"
-                    ),
-                    flops,
-                    work,
-                )
-            finally:
-                del engine
-        _free()
-    save()
-    if not args.skip_serve and not args.skip_http:
-        with section("http"):
-            proc, url, header["server_cold_start_s"] = server.start(
-                device, args.batch, args.out / "server.log", args.server_timeout, speed
-            )
-            try:
-                http = {
-                    "plain": server.first_images(url, work, min(args.batch, 2), None),
-                    "lora": server.first_images(url, work, min(args.batch, 2), adapters[0]),
-                }
-                correctness["http"] = pipelines.correctness(reference, http)
-                header["server_warmup_requests_s"] = server.warm_up(
-                    url, work, args.http_warmup, adapters
-                )
-                http_rows = server.http_rows(
-                    url,
-                    proc.pid,
-                    work,
-                    device,
-                    args.concurrency,
-                    args.requests,
-                    adapters,
-                    args.mixed_adapters,
-                )
-            finally:
-                server.stop(proc)
-            _add(rows, http_rows, flops, work)
-        save()
-    if args.open_loop and not args.skip_serve and args.open_loop_where != "http":
-        from bench.open_loop import open_loop_rows
-
-        with section("open loop"):
-            _add(
-                rows,
-                open_loop_rows(
-                    device,
-                    args.batch,
-                    work,
-                    adapters[:2],
-                    args.open_loop,
-                    args.open_loop_requests,
-                    {k: v for k, v in speed.items() if k != "warmup"} or None,
-                ),
-                flops,
-                work,
-            )
-        _free()
-        save()
-    if args.open_loop and not args.skip_serve and args.open_loop_where != "process":
-        from bench.open_loop import http_open_loop_rows
-
-        with section("open loop http"):
-            _add(
-                rows,
-                http_open_loop_rows(
-                    device,
-                    args.batch,
-                    work,
-                    adapters[:2],
-                    args.open_loop,
-                    args.open_loop_requests,
-                    args.out,
-                    args.server_timeout,
-                    speed,
-                ),
-                flops,
-                work,
-            )
-        save()
+    header = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": _device_name(args.device),
+        "torch": torch.__version__,
+        "model": args.model,
+        "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+        "size": args.size,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "batch": args.batch,
+        "peak_tflops": args.peak_tflops if args.device == "cuda" else None,
+        "speed": args.speed,
+        "fp8": args.fp8,
+    }
+    speed = dict(args.speed)
+    if speed:  # compiled in process first, so the server starts with the compile cache warm
+        speed |= {"warmup": True, "compile_cache": str(home / "inductor-cache")}
+    bench = Bench(args, home, header, speed)
+    base = _prepare(bench)
+    serve = not args.skip_serve
+    if serve and not args.skip_engine:
+        _engine_sections(bench)
+    bench.save()
+    if serve and not args.skip_http:
+        _http_section(bench)
+        bench.save()
+    if serve and args.open_loop:
+        _open_loop_sections(bench)
     if not args.skip_train:
-        train_work = training.TrainWork(args.size, args.batch, args.train_steps, args.train_rank)
-        train_rows = []
-        with section("train plain"):
-            train_rows.append(training.plain_loop(base, train_work, device))
-        _free()
-        with section("train project"):
-            train_rows.extend(training.project_rows(base, train_work, device, home / "train"))
-        _free()
-        plain = next((r for r in train_rows if r.name.startswith("plain")), None)
-        project = next((r for r in train_rows if r.name.startswith("project train,")), None)
-        if plain is not None and project is not None:
-            project.baseline = plain.name
-            # The same LoRA step: the trainer's own count (forward + backward as autograd runs
-            # it, ≈ 2.1 forward passes since frozen weights get no weight gradients).
-            plain.flops_per_image = project.flops_per_image
-        rows.extend(train_rows)
-
-    markdown = save()
+        _train_sections(bench, base)
+    markdown = bench.save()
     print(markdown)
     print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'}")
     return 1 if header.get("errors") else 0
+
+
+def _prepare(bench: Bench):
+    """The base and CLIP in the temporary store, the FLOP count, the random adapters, and the
+    diffusers rows with their reference images. Returns the base's store entry."""
+    from bench import fixtures, pipelines
+    from bench.measure import image_diff
+    from models.adapter import get_adapter
+
+    args, header = bench.args, bench.header
+    base, times = fixtures.build_base(args.model, args.device)
+    header["base_build_s"] = round(times["build_s"], 2)
+    header["base_save_s"] = round(times["save_s"], 2)
+    fixtures.build_clip()
+    bench.work = pipelines.Workload(args.size, args.steps, args.batch, args.guidance, args.repeats)
+    pipe, header["baseline_load_s"] = pipelines.load_baseline(base, args.device)
+    try:
+        bench.flops = _flops(pipe, args)
+        header["flops"] = bench.flops
+        header["tflop_per_image"] = round(bench.flops["per_image"] / 1e12, 4)
+    except Exception as err:  # a FLOP count is a nicety; the timings stand without it
+        logging.getLogger("bench").warning("FLOP count failed: %s", err)
+    count = max([2, *args.mixed_adapters])
+    bench.adapters = [
+        e.name.removeprefix("lora-")
+        for e in fixtures.build_adapters(base, pipe.unet, args.rank, count)
+    ]
+    if not args.skip_serve and not args.skip_diffusers:
+        with bench.section("diffusers"):
+            rows, bench.reference = pipelines.baseline_rows(
+                pipe, get_adapter(bench.adapters[0]), bench.work, args.device
+            )
+            bench.add(rows)
+            if "lora" in bench.reference:  # how far the adapter moves the image: the diffs
+                # below are small next to it
+                bench.correctness["diffusers"] = {
+                    "lora vs no lora": image_diff(bench.reference["plain"], bench.reference["lora"])
+                }
+    del pipe
+    _free()
+    return base
+
+
+def _engine_sections(bench: Bench) -> None:
+    """The in-process engine: eager, with the --speed options, with --fp8; then the mixed rows
+    grouped by adapter set (one call per set, no per-image LoRA)."""
+    from bench import pipelines
+
+    args, work, adapters = bench.args, bench.work, bench.adapters
+    engines = [("engine", "engine_start_s", {})]
+    if bench.speed:
+        engines.append(("engine fast", "engine_fast_start_s", bench.speed))
+    if args.fp8 != "off":
+        engines.append(("engine fp8", "engine_fp8_start_s", bench.speed | {"fp8": args.fp8}))
+    for section_name, start_key, settings in engines:
+        bench.save()
+        with bench.section(section_name):
+            engine, bench.header[start_key] = pipelines.make_engine(
+                args.device, args.batch, settings
+            )
+            described = engine.settings.speed_options().describe()
+            label = f" ({described})" if settings else ""
+            try:
+                rows, images = pipelines.engine_rows(engine, adapters, work, args.device, label)
+                rows += pipelines.mixed_rows(
+                    engine, adapters, work, args.device, args.mixed_adapters, label
+                )
+                if args.profile:
+                    bench.header.setdefault("profiles", []).append(
+                        pipelines.profile_engine(
+                            engine, adapters, work, args.device, args.out, label
+                        )
+                    )
+            finally:
+                del engine
+            bench.add(rows)
+            bench.correctness["engine" + label] = pipelines.correctness(bench.reference, images)
+        _free()
+    if args.mixed_adapters:
+        with bench.section("engine grouped"):  # before per-image LoRA: one call per adapter set
+            engine, _ = pipelines.make_engine(args.device, args.batch, {"mixed_max_rank": 0})
+            try:
+                bench.add(
+                    pipelines.mixed_rows(
+                        engine,
+                        adapters,
+                        work,
+                        args.device,
+                        args.mixed_adapters,
+                        " (grouped by set)",
+                    )
+                )
+            finally:
+                del engine
+        _free()
+
+
+def _http_section(bench: Bench) -> None:
+    """The service over HTTP: cold start, its images, then the rows per concurrency."""
+    from bench import pipelines, server
+
+    args, work, adapters, header = bench.args, bench.work, bench.adapters, bench.header
+    with bench.section("http"):
+        proc, url, header["server_cold_start_s"] = server.start(
+            args.device, args.batch, args.out / "server.log", args.server_timeout, bench.speed
+        )
+        try:
+            http = {
+                "plain": server.first_images(url, work, min(args.batch, 2), None),
+                "lora": server.first_images(url, work, min(args.batch, 2), adapters[0]),
+            }
+            bench.correctness["http"] = pipelines.correctness(bench.reference, http)
+            header["server_warmup_requests_s"] = server.warm_up(
+                url, work, args.http_warmup, adapters
+            )
+            rows = server.http_rows(
+                url,
+                proc.pid,
+                work,
+                args.device,
+                args.concurrency,
+                args.requests,
+                adapters,
+                args.mixed_adapters,
+            )
+        finally:
+            server.stop(proc)
+        bench.add(rows)
+
+
+def _open_loop_sections(bench: Bench) -> None:
+    """Request-level against step scheduling under Poisson arrivals, in process and/or over
+    HTTP (`--open-loop-where`)."""
+    from bench.open_loop import http_open_loop_rows, open_loop_rows
+
+    args, work = bench.args, bench.work
+    common = (args.device, args.batch, work, bench.adapters[:2], args.open_loop)
+    if args.open_loop_where != "http":
+        settings = {k: v for k, v in bench.speed.items() if k != "warmup"} or None
+        with bench.section("open loop"):
+            bench.add(open_loop_rows(*common, args.open_loop_requests, settings))
+        _free()
+        bench.save()
+    if args.open_loop_where != "process":
+        with bench.section("open loop http"):
+            bench.add(
+                http_open_loop_rows(
+                    *common,
+                    args.open_loop_requests,
+                    args.out,
+                    args.server_timeout,
+                    bench.speed,
+                )
+            )
+        bench.save()
+
+
+def _train_sections(bench: Bench, base) -> None:
+    """A plain peft loop against the project's trainer, the same LoRA step."""
+    from bench import training
+
+    args = bench.args
+    work = training.TrainWork(args.size, args.batch, args.train_steps, args.train_rank)
+    rows = []
+    with bench.section("train plain"):
+        rows.append(training.plain_loop(base, work, args.device))
+    _free()
+    with bench.section("train project"):
+        rows.extend(training.project_rows(base, work, args.device, bench.home / "train"))
+    _free()
+    plain = next((r for r in rows if r.name.startswith("plain")), None)
+    project = next((r for r in rows if r.name.startswith("project train,")), None)
+    if plain is not None and project is not None:
+        project.baseline = plain.name
+        # The same LoRA step: the trainer's own count (forward + backward as autograd runs
+        # it, ≈ 2.1 forward passes since frozen weights get no weight gradients).
+        plain.flops_per_image = project.flops_per_image
+    bench.rows.extend(rows)
 
 
 def _device_name(device: str) -> str:
