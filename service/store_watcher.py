@@ -27,7 +27,7 @@ from models.lora_exchange import base_layers
 from models.lora_files import BaseLayers
 from models.store import ADAPTER_PREFIX, StoreEntry, store_root
 from service.adapter_policy import AdapterPolicy
-from service.adapter_selection import StoreAdapters, select_adapters
+from service.adapter_selection import CheckedVersions, StoreAdapters, select_adapters
 from service.settings import Settings
 from service.state import ServedSnapshot, ServerState
 
@@ -102,6 +102,9 @@ class StoreWatcher:
         self.seen: Signature | None = None
         """The listing the served set was last selected from (None: select at the next look)."""
         self._layers: BaseLayers | None = None
+        self.checked = CheckedVersions()
+        """Each version's check outcome while its files are unchanged: a re-selection re-reads
+        only what changed."""
         self._reloading = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -149,7 +152,9 @@ class StoreWatcher:
         with self._reloading:
             signature = store_signature(self.root, self.policy.path)
             blocks = self.policy.blocks()
-            found = select_adapters(self.layers(), self.engine.base, self.settings, blocks.why)
+            found = select_adapters(
+                self.layers(), self.engine.base, self.settings, blocks.why, self.checked
+            )
             # Weights of versions an admin took out go now; those of versions superseded or
             # deleted stay loaded for the requests validated against them (LRU evicts them).
             served = self.engine.state.snapshot.adapters.values()

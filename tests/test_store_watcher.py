@@ -98,6 +98,50 @@ def test_one_look_reselects_only_after_a_change_and_serves_the_new_version(watch
     assert watcher.check() is False and len(engine.published) == 2
 
 
+def test_a_reselection_rereads_only_the_versions_whose_files_changed(
+    watcher, tiny_base, monkeypatch, caplog
+):
+    """Every version is hashed and loaded at its first check; a re-selection after another save
+    reads only the new one; a damaged file is read again and refused; its refusal is kept
+    (logged once) until its files change again."""
+    import models.adapter
+
+    kept = one_layer_adapter("kept", tiny_base)
+    damaged = one_layer_adapter("damaged", tiny_base)
+    hashed: list[str] = []
+    real_hash = models.adapter.hash_folder
+
+    def counting(folder, *args, **kwargs):
+        hashed.append(folder.name)
+        return real_hash(folder, *args, **kwargs)
+
+    monkeypatch.setattr(models.adapter, "hash_folder", counting)
+    watcher.reload()
+    assert {kept.path.name, damaged.path.name} <= set(hashed)
+
+    hashed.clear()
+    added = one_layer_adapter("added", tiny_base)
+    watcher.reload()
+    assert hashed == [added.path.name]
+    assert {"kept", "damaged", "added"} <= set(watcher.engine.state.snapshot.adapters)
+
+    hashed.clear()
+    weights = models.adapter.weights_path(damaged)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the tensors: same size, new modification time
+    weights.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="service.adapter_selection"):
+        watcher.reload()
+        watcher.reload()
+    assert hashed == [damaged.path.name]  # read once, its refusal kept
+    snapshot = watcher.engine.state.snapshot
+    assert (
+        "damaged" not in snapshot.adapters
+        and "content hash" in snapshot.refused_adapters["damaged"]
+    )
+    assert caplog.text.count(f"refusing adapter {damaged.tag}") == 1
+
+
 def test_a_failed_look_changes_nothing_is_logged_and_the_next_one_retries(
     watcher, policy, tiny_base, caplog
 ):
