@@ -14,8 +14,9 @@ adapter). Rows map to images as the pipeline lays them out: the text encoders se
 image; the UNet sees one row per image, or two (unconditional half first) under
 classifier-free guidance, so row n belongs to image n mod (images in the batch).
 
-The slots live in buffers allocated once per layer at a fixed size (`slots` × `max_rank`) and
-filled in place for each batch; the hooks read a flag and the index through one shared object.
+The slots live in buffers allocated once per layer at a fixed size (`slots` × `max_rank`; a
+fused q/k/v projection holds its parts side by side, so `max_rank` for each) and filled in place
+for each batch; the hooks read a flag and the index through one shared object.
 So a compiled UNet sees the same shapes and the same tensors whatever the number of sets or the
 mix: it compiles once with the term on and once with it off, and never again (tested with
 dynamo's `error_on_recompile`).
@@ -173,11 +174,13 @@ class PerImageLora:
         """The term that carries `layer` (made on first use) and the rows of its output."""
         where = self._where.get(layer)
         if where is None:
-            module, first, rows = _module_rows(self.pipe, layer)
+            module, first, rows, parts = _module_rows(self.pipe, layer)
             term = self._terms.get(id(module))
             if term is None:
+                # A fused q/k/v projection carries its parts' ranks side by side in one slot:
+                # each part may take max_rank columns.
                 term = self._terms[id(module)] = _Term(
-                    module, self.slots, self.max_rank, self._switch
+                    module, self.slots, self.max_rank * parts, self._switch
                 )
             where = self._where[layer] = (term, first, rows)
         return where
@@ -189,9 +192,10 @@ class PerImageLora:
         self._switch.on = False
 
 
-def _module_rows(pipe, layer: Layer) -> tuple[nn.Linear, int, int]:
-    """The Linear that computes `layer` and the rows of its output that are `layer`'s (all of
-    them, or one part of a fused q/k/v projection after `fuse_qkv_projections`)."""
+def _module_rows(pipe, layer: Layer) -> tuple[nn.Linear, int, int, int]:
+    """The Linear that computes `layer`, the rows of its output that are `layer`'s (all of
+    them, or one part of a fused q/k/v projection after `fuse_qkv_projections`), and how many
+    layers that Linear computes (1, or the fused projection's 2 or 3)."""
     component, module_path = layer
     model = getattr(pipe, component)
     parent_path, _, name = module_path.rpartition(".")
@@ -200,7 +204,7 @@ def _module_rows(pipe, layer: Layer) -> tuple[nn.Linear, int, int]:
     if getattr(parent, "fused_projections", False) and name in ("to_q", "to_k", "to_v"):
         if parent.is_cross_attention:
             if name == "to_q":
-                return own, 0, own.out_features
+                return own, 0, own.out_features, 1
             order, fused = ("to_k", "to_v"), parent.to_kv
         else:
             order, fused = ("to_q", "to_k", "to_v"), parent.to_qkv
@@ -208,11 +212,11 @@ def _module_rows(pipe, layer: Layer) -> tuple[nn.Linear, int, int]:
         for part in order:
             rows = getattr(parent, part).out_features
             if part == name:
-                return fused, first, rows
+                return fused, first, rows, len(order)
             first += rows
     if not isinstance(own, nn.Linear):
         raise ValueError(f"{component}.{module_path} is not a Linear layer")
-    return own, 0, own.out_features
+    return own, 0, own.out_features, 1
 
 
 def adapter_layers(path: str | Path) -> set[Layer]:

@@ -92,6 +92,18 @@ def test_a_mixed_batch_runs_in_one_call_and_each_image_equals_its_own(adapters):
         assert np.abs(alone[k] - base[0]).max() > 10, SETS[k]
 
 
+def test_fused_qkv_projections_hold_each_part_s_rank(adapters):
+    """After BENTOLORA_FUSE_QKV one term computes q, k and v: a set at the rank limit on each of
+    them (mix-a + mix-b: 6 on to_q, to_k and to_v) still shares the pass."""
+    served = engine(fuse_qkv=True, mixed_max_rank=6)
+    requests = [request(i, SETS[i % 4]) for i in range(4)]
+    alone = [pixels(served.generate([r])[0])[0] for r in requests]
+    together = served.generate(requests)
+    for i, response in enumerate(together):
+        assert response.images[0].timings["batch_images"] == 4, SETS[i]
+        assert np.abs(pixels(response)[0] - alone[i]).max() <= 2, SETS[i]
+
+
 def test_sets_that_cannot_share_a_pass_run_alone_with_the_same_images(adapters):
     served = engine(mixed_max_rank=4)  # mix-a + mix-b add up to rank 6 on a layer: over it
     requests = [
