@@ -31,8 +31,8 @@ ALIGNMENT = 16
 MIN_CAPABILITY = (8, 9)
 
 
-def check_device(mode: str, device: str) -> str | None:
-    """Why `mode` cannot run on `device` (None: it can)."""
+def why_not(mode: str, device: str, dtype: torch.dtype) -> str | None:
+    """Why `mode` cannot run on `device` with weights in `dtype` (None: it can)."""
     if mode != "dynamic":
         return None
     if not device.startswith("cuda") or not torch.cuda.is_available():
@@ -43,6 +43,8 @@ def check_device(mode: str, device: str) -> str | None:
             f"fp8=dynamic needs compute capability ≥ 8.9 (Ada, Hopper or newer); {device} has "
             f"{capability[0]}.{capability[1]}: use fp8=weight or off"
         )
+    if dtype != torch.bfloat16:  # torchao's row-wise FP8 matmul takes bfloat16 only
+        return f"fp8=dynamic needs bfloat16 weights, not {dtype}"
     return None
 
 
@@ -52,7 +54,7 @@ def quantize_unet(unet: nn.Module, mode: str, device: str) -> int:
     torchao is not installed."""
     if mode not in ("dynamic", "weight"):
         raise ValueError(f"fp8={mode!r}: quantize_unet takes one of dynamic, weight")
-    problem = check_device(mode, device)
+    problem = why_not(mode, device, unet.dtype)
     if problem:
         raise ValueError(problem)
     try:

@@ -88,11 +88,11 @@ def speed_up(pipe, options: SpeedOptions, device: str) -> int:
     every thread that runs the pipeline."""
     import torch
 
-    from models.float8 import check_device, quantize_unet
+    from models.float8 import quantize_unet, why_not
 
     if options.cuda_graphs and not device.startswith("cuda"):
         raise ValueError(f"cuda_graphs needs a CUDA device, not {device!r}")
-    fp8_problem = check_device(options.fp8, device)
+    fp8_problem = why_not(options.fp8, device, pipe.unet.dtype)
     if fp8_problem:
         raise ValueError(fp8_problem)
     if options.fuse_qkv:

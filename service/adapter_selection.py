@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +33,10 @@ class StoreAdapters(NamedTuple):
     """Name -> the other base its versions were made for."""
 
 
+RECENT_NS = 2 * 10**9
+"""Files modified this recently (ns) when checked get checked again at the next selection."""
+
+
 class CheckedVersions:
     """Each adapter version's check outcome ("" passed, else why it was refused), with the size,
     modification time and inode of every file it was read from. A re-selection then hashes and
@@ -43,6 +48,7 @@ class CheckedVersions:
         self._outcomes: dict[str, tuple[tuple, str]] = {}
 
     def why_refused(self, entry: StoreEntry, check: Callable[[StoreEntry], None]) -> str:
+        checked_at = time.time_ns()
         stamp = files_stamp(entry.path)
         known = self._outcomes.get(entry.tag)
         if known is not None and known[0] == stamp:
@@ -53,7 +59,14 @@ class CheckedVersions:
         except AdapterError as err:
             log.warning("refusing adapter %s: %s", entry.tag, err)
             why = str(err)
-        self._outcomes[entry.tag] = (stamp, why)
+        # A file modified within RECENT_NS of its stamp may change again without its stamp
+        # changing (a coarse clock, same size): such an outcome is not kept (as git's index
+        # treats "racily clean" files).
+        newest = max((s[2] for s in stamp if s[2] is not None), default=0)
+        if newest < checked_at - RECENT_NS:
+            self._outcomes[entry.tag] = (stamp, why)
+        else:
+            self._outcomes.pop(entry.tag, None)
         return why
 
     def keep_only(self, tags: set[str]) -> None:

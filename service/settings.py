@@ -181,7 +181,8 @@ class Settings:
     fp8: str = "off"
     """BENTOLORA_FP8: the UNet's linear layers in float8 (torchao, `pip install
     'bentolora[fp8]'`): dynamic (FP8 matmuls; CUDA capability ≥ 8.9), weight (float8 storage,
-    bf16 matmuls: less memory, not faster) or off. Needs BENTOLORA_LORA_MODE=fused."""
+    bf16 matmuls: less memory, not faster) or off. Needs BENTOLORA_LORA_MODE=fused; dynamic
+    needs bfloat16 (BENTOLORA_DTYPE auto or bfloat16)."""
     encode_workers: int = 0
     """BENTOLORA_ENCODE_WORKERS: processes that encode generated images (PNG encoding holds
     Python's GIL, ~0.15 s a 1024² image, stalling the GPU's next call); 0 encodes inline."""
@@ -239,6 +240,10 @@ class Settings:
             ):
                 if on:
                     problems.append(f"BENTOLORA_{name} needs BENTOLORA_LORA_MODE=fused")
+        if self.fp8 == "dynamic" and self.dtype in ("float16", "float32"):
+            problems.append(
+                f"BENTOLORA_FP8=dynamic needs BENTOLORA_DTYPE=bfloat16, not {self.dtype}"
+            )
         try:
             self.speed_options()
         except ValueError as err:  # its messages start with the field's name

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -98,16 +99,27 @@ def test_one_look_reselects_only_after_a_change_and_serves_the_new_version(watch
     assert watcher.check() is False and len(engine.published) == 2
 
 
+def backdate(entry, seconds: float = 60.0) -> None:
+    """Set every file of `entry` `seconds` into the past (as a version saved a while ago)."""
+    when = time.time() - seconds
+    for path in entry.path.rglob("*"):
+        os.utime(path, (when, when))
+
+
 def test_a_reselection_rereads_only_the_versions_whose_files_changed(
     watcher, tiny_base, monkeypatch, caplog
 ):
     """Every version is hashed and loaded at its first check; a re-selection after another save
-    reads only the new one; a damaged file is read again and refused; its refusal is kept
-    (logged once) until its files change again."""
+    reads only the new one; a damaged file is read again and refused, and its refusal is kept
+    (logged once) until its files change again. A version whose files were modified within
+    two seconds of its check is checked again at the next selection (its stamp could still
+    miss a change)."""
     import models.adapter
 
     kept = one_layer_adapter("kept", tiny_base)
     damaged = one_layer_adapter("damaged", tiny_base)
+    for entry in models.adapter.list_adapters():  # those earlier tests saved too
+        backdate(entry)
     hashed: list[str] = []
     real_hash = models.adapter.hash_folder
 
@@ -120,7 +132,13 @@ def test_a_reselection_rereads_only_the_versions_whose_files_changed(
     assert {kept.path.name, damaged.path.name} <= set(hashed)
 
     hashed.clear()
-    added = one_layer_adapter("added", tiny_base)
+    added = one_layer_adapter("added", tiny_base)  # saved just now
+    watcher.reload()
+    watcher.reload()
+    assert hashed == [added.path.name] * 2  # only the new one; recent, so checked again
+    backdate(added)
+    hashed.clear()
+    watcher.reload()
     watcher.reload()
     assert hashed == [added.path.name]
     assert {"kept", "damaged", "added"} <= set(watcher.engine.state.snapshot.adapters)
@@ -128,17 +146,16 @@ def test_a_reselection_rereads_only_the_versions_whose_files_changed(
     hashed.clear()
     weights = models.adapter.weights_path(damaged)
     data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF  # one flipped bit in the tensors: same size, new modification time
+    data[-1] ^= 0xFF  # one flipped bit in the tensors: same size
     weights.write_bytes(bytes(data))
+    backdate(damaged, 30.0)  # another modification time than before
     with caplog.at_level(logging.WARNING, logger="service.adapter_selection"):
         watcher.reload()
         watcher.reload()
     assert hashed == [damaged.path.name]  # read once, its refusal kept
     snapshot = watcher.engine.state.snapshot
-    assert (
-        "damaged" not in snapshot.adapters
-        and "content hash" in snapshot.refused_adapters["damaged"]
-    )
+    assert "damaged" not in snapshot.adapters
+    assert "content hash" in snapshot.refused_adapters["damaged"]
     assert caplog.text.count(f"refusing adapter {damaged.tag}") == 1
 
 
