@@ -43,6 +43,11 @@ def pixels(image: Image.Image | str) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
+def response_pixels(response) -> list[np.ndarray]:
+    """The images of one engine response (`service.schemas.GenerateResponse`), as arrays."""
+    return [pixels(image.image) for image in response.images]
+
+
 def server_env() -> dict[str, str]:
     return {
         **os.environ,

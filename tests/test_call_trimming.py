@@ -12,9 +12,9 @@ import pytest
 from test_mixed_adapters import adapters  # noqa: F401 - the module's adapter fixture
 
 from service.engine import Engine
-from service.images import decode
 from service.schemas import GenerateRequest, Img2ImgRequest
 from service.settings import Settings
+from tests.service_helpers import response_pixels
 
 STEPS = 6
 LEAVE_AFTER = 2  # UNet calls before the image becomes unwanted
@@ -44,13 +44,6 @@ def request(i: int, scheduler: str, chosen: list[tuple[str, float]], **fields) -
         adapters=[{"name": n, "scale": s} for n, s in chosen],
         **fields,
     )
-
-
-def pixels(response) -> list[np.ndarray]:
-    return [
-        np.asarray(decode(i.image, max_bytes=2**24, max_pixels=2**24), dtype=int)
-        for i in response.images
-    ]
 
 
 def unet_batches(served: Engine, after: int, leave) -> list[int]:
@@ -90,7 +83,9 @@ def make_unwanted(leaving: GenerateRequest, how: str):
 )
 def test_an_unwanted_image_leaves_the_call_and_the_rest_are_unchanged(adapters, scheduler, how):  # noqa: F811
     alone = engine()
-    want = [pixels(alone.generate([request(i, scheduler, s)])[0]) for i, s in enumerate(SETS)]
+    want = [
+        response_pixels(alone.generate([request(i, scheduler, s)])[0]) for i, s in enumerate(SETS)
+    ]
 
     served = engine()
     requests = [request(i, scheduler, s) for i, s in enumerate(SETS)]
@@ -102,7 +97,7 @@ def test_an_unwanted_image_leaves_the_call_and_the_rest_are_unchanged(adapters, 
     assert sizes == [6] * LEAVE_AFTER + [4] * (STEPS - LEAVE_AFTER)
     assert responses[1].images == []
     for i in (0, 2):
-        [got] = pixels(responses[i])
+        [got] = response_pixels(responses[i])
         assert np.abs(got - want[i][0]).max() <= 2, (scheduler, i)
         assert responses[i].images[0].timings["batch_adapter_sets"] == 3
 
@@ -131,14 +126,14 @@ def test_img2img_images_leave_the_call_too(adapters):  # noqa: F811
         )
 
     alone = engine()
-    want = pixels(alone.img2img([img2img(0)])[0])
+    want = response_pixels(alone.img2img([img2img(0)])[0])
     served = engine()
     requests = [img2img(0), img2img(1)]
     sizes = unet_batches(served, LEAVE_AFTER, make_unwanted(requests[1], "disconnect"))
     responses = served.img2img(requests)
     assert sizes == [4] * LEAVE_AFTER + [2] * (STEPS - LEAVE_AFTER)
     assert responses[1].images == []
-    assert np.abs(pixels(responses[0])[0] - want[0]).max() <= 2
+    assert np.abs(response_pixels(responses[0])[0] - want[0]).max() <= 2
 
 
 def test_a_long_job_is_not_bounded_by_the_server_request_timeout(adapters):  # noqa: F811

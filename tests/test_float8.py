@@ -21,9 +21,9 @@ from models.adapter import weights_path
 from models.float8 import dequantize_rows, is_float8, quantize_rows
 from models.lora_fusion import FusedLora, read_factors, weight_rows
 from models.pipeline_speed import SpeedOptions, speed_up
-from service.images import decode
 from service.schemas import GenerateRequest
 from service.settings import Settings
+from tests.service_helpers import pixels as image_pixels
 from tests.store_helpers import attention_adapter
 
 
@@ -159,10 +159,7 @@ def test_the_engine_serves_fp8_with_merged_and_per_image_adapters(mixable):
         [image] = response.images
         assert image.timings["batch_images"] == 3  # one pass, per-image low-rank terms
         assert image.timings["batch_adapter_sets"] == 3
-        got, merged = (
-            np.asarray(decode(one.image, max_bytes=2**24, max_pixels=2**24), dtype=int)
-            for one in (image, one_by_one[i])
-        )
+        got, merged = image_pixels(image.image), image_pixels(one_by_one[i].image)
         # The per-image term adds B·A·x beside the float8 base, the merge rounds W0 + B·A to
         # float8: the two differ by that rounding, far less than the adapter moves the image.
         assert psnr(got, merged, 255) > 30, names[i]

@@ -11,9 +11,9 @@ from diffusers import StableDiffusionXLPipeline
 from pydantic import ValidationError
 
 from service.engine import Engine
-from service.images import decode
 from service.schemas import GenerateRequest
 from service.settings import Settings
+from tests.service_helpers import response_pixels
 
 FIELDS = {
     "original_size": (128, 96),
@@ -41,13 +41,6 @@ def request(seed: int, **fields) -> GenerateRequest:
     return GenerateRequest(
         prompt="a blue triangle", width=64, height=64, steps=4, seed=seed, **fields
     )
-
-
-def pixels(response) -> list[np.ndarray]:
-    return [
-        np.asarray(decode(i.image, max_bytes=2**24, max_pixels=2**24), dtype=int)
-        for i in response.images
-    ]
 
 
 def peer(pipe, seed: int, **fields) -> np.ndarray:
@@ -78,10 +71,10 @@ def test_each_image_equals_diffusers_with_the_same_micro_conditioning(diffusers_
         [peer(diffusers_pipe, s, **FIELDS, **NEGATIVE) for s in (12, 13)],
     ]
     for response, images in zip(responses, want, strict=True):
-        for got, image in zip(pixels(response), images, strict=True):
+        for got, image in zip(response_pixels(response), images, strict=True):
             assert np.abs(got - image).max() <= 2
     # The conditioning changes the image (it is not dropped on the way to the UNet).
-    assert np.abs(pixels(responses[0])[0] - want[1][0]).max() > 2
+    assert np.abs(response_pixels(responses[0])[0] - want[1][0]).max() > 2
     # Negative sizes: diffusers would misplace the second image's time ids in one call.
     assert list(responses[2].images[0].settings["negative_original_size"]) == [32, 32]
     if scheduling == "request":

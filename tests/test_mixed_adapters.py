@@ -18,9 +18,9 @@ from models.lora_batched import PerImageLora
 from service import batcher
 from service.adapter_cache import AdapterCache
 from service.engine import Engine
-from service.images import decode
 from service.schemas import GenerateRequest
 from service.settings import Settings
+from tests.service_helpers import response_pixels
 
 
 @pytest.fixture(scope="module")
@@ -65,23 +65,16 @@ SETS = [
 ]
 
 
-def pixels(response) -> list[np.ndarray]:
-    return [
-        np.asarray(decode(i.image, max_bytes=2**24, max_pixels=2**24), dtype=int)
-        for i in response.images
-    ]
-
-
 def test_a_mixed_batch_runs_in_one_call_and_each_image_equals_its_own(adapters):
     served = engine()
     requests = [request(i, SETS[i % 4]) for i in range(8)]
-    alone = [pixels(served.generate([r])[0])[0] for r in requests]
+    alone = [response_pixels(served.generate([r])[0])[0] for r in requests]
     together = served.generate(requests)
     for i, response in enumerate(together):
         [image] = response.images
         assert image.timings["batch_images"] == 8  # one pipeline call for all eight
         assert image.timings["batch_adapter_sets"] == 4
-        assert np.abs(pixels(response)[0] - alone[i]).max() <= 2, SETS[i % 4]
+        assert np.abs(response_pixels(response)[0] - alone[i]).max() <= 2, SETS[i % 4]
         assert [(a.name, a.scale) for a in image.adapters] == [
             (n.removeprefix("lora-"), s) for n, s in SETS[i % 4]
         ]
@@ -97,11 +90,11 @@ def test_fused_qkv_projections_hold_each_part_s_rank(adapters):
     them (mix-a + mix-b: 6 on to_q, to_k and to_v) still shares the pass."""
     served = engine(fuse_qkv=True, mixed_max_rank=6)
     requests = [request(i, SETS[i % 4]) for i in range(4)]
-    alone = [pixels(served.generate([r])[0])[0] for r in requests]
+    alone = [response_pixels(served.generate([r])[0])[0] for r in requests]
     together = served.generate(requests)
     for i, response in enumerate(together):
         assert response.images[0].timings["batch_images"] == 4, SETS[i]
-        assert np.abs(pixels(response)[0] - alone[i]).max() <= 2, SETS[i]
+        assert np.abs(response_pixels(response)[0] - alone[i]).max() <= 2, SETS[i]
 
 
 def test_sets_that_cannot_share_a_pass_run_alone_with_the_same_images(adapters):
@@ -112,12 +105,12 @@ def test_sets_that_cannot_share_a_pass_run_alone_with_the_same_images(adapters):
         request(2, SETS[2]),
         request(3, []),
     ]
-    alone = [pixels(served.generate([r])[0])[0] for r in requests]
+    alone = [response_pixels(served.generate([r])[0])[0] for r in requests]
     together = served.generate(requests)
     calls = [r.images[0].timings["batch_images"] for r in together]
     assert calls == [1, 1, 2, 2]  # conv and the over-rank mix alone; the other two share
     for i, response in enumerate(together):
-        assert np.abs(pixels(response)[0] - alone[i]).max() <= 2, i
+        assert np.abs(response_pixels(response)[0] - alone[i]).max() <= 2, i
 
 
 def test_peft_mode_runs_one_call_per_set(adapters):

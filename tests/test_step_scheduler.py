@@ -15,10 +15,10 @@ from test_mixed_adapters import adapters  # noqa: F401 - the module's adapter fi
 
 from service import batcher
 from service.engine import Engine
-from service.images import decode
 from service.schemas import GenerateRequest
 from service.settings import Settings
 from service.step_scheduler import StepQueue
+from tests.service_helpers import response_pixels
 
 
 def engine(**options) -> Engine:
@@ -35,13 +35,6 @@ def request(i: int, **fields) -> GenerateRequest:
         adapters=[{"name": n, "scale": s} for n, s in chosen],
         **fields,
     )
-
-
-def pixels(response) -> list[np.ndarray]:
-    return [
-        np.asarray(decode(i.image, max_bytes=2**24, max_pixels=2**24), dtype=int)
-        for i in response.images
-    ]
 
 
 # Staggered: each row arrives while the ones before it are denoising.
@@ -67,7 +60,7 @@ def mid_flight(stepped: Engine, timeout_s: float = 60) -> None:
 @pytest.fixture(scope="module")
 def alone(adapters):  # noqa: F811
     served = engine()
-    return [pixels(served.generate([request(i, **f)])[0]) for i, f in enumerate(MIXED)]
+    return [response_pixels(served.generate([request(i, **f)])[0]) for i, f in enumerate(MIXED)]
 
 
 def test_each_image_equals_its_request_alone_whatever_joins_or_leaves(alone):
@@ -79,7 +72,7 @@ def test_each_image_equals_its_request_alone_whatever_joins_or_leaves(alone):
         futures.append(stepped.submit([request(i, **fields)]))
     responses = [f.result(timeout=300)[0] for f in futures]
     for i, response in enumerate(responses):
-        got = pixels(response)
+        got = response_pixels(response)
         assert len(got) == len(alone[i])
         for g, want in zip(got, alone[i], strict=True):
             assert np.abs(g - want).max() <= 2, MIXED[i]
