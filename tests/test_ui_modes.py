@@ -18,6 +18,7 @@ from PIL import Image
 from tests import test_ui
 from tests.service_helpers import pixels, server_env, start_server, stop_server
 from tests.store_helpers import one_layer_adapter
+from tests.test_image_modes import half_mask, picture
 from tests.test_ui import set_number
 
 pytestmark = pytest.mark.slow
@@ -27,18 +28,6 @@ ADAPTER = "uimodes-style"
 CONTROLNET = "uimodes-edges"
 TOLERANCE = 2
 browser, page = test_ui.browser, test_ui.page  # the same headless Chromium fixtures
-
-
-def picture(seed: int, size=(64, 64)) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    small = rng.randint(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize(size, Image.NEAREST)
-
-
-def half_mask(size=(64, 64)) -> Image.Image:
-    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
-    mask[:, size[0] // 2 :] = 255
-    return Image.fromarray(mask, "L")
 
 
 def edges(seed: int) -> Image.Image:
