@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from models.lora_fusion import Layer, LoraFactors
+from models.lora_fusion import Layer, LoraFactors, layer_rows
 
 log = logging.getLogger(__name__)
 
@@ -193,30 +193,13 @@ class PerImageLora:
 
 
 def _module_rows(pipe, layer: Layer) -> tuple[nn.Linear, int, int, int]:
-    """The Linear that computes `layer`, the rows of its output that are `layer`'s (all of
-    them, or one part of a fused q/k/v projection after `fuse_qkv_projections`), and how many
-    layers that Linear computes (1, or the fused projection's 2 or 3)."""
-    component, module_path = layer
-    model = getattr(pipe, component)
-    parent_path, _, name = module_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    own = model.get_submodule(module_path)
-    if getattr(parent, "fused_projections", False) and name in ("to_q", "to_k", "to_v"):
-        if parent.is_cross_attention:
-            if name == "to_q":
-                return own, 0, own.out_features, 1
-            order, fused = ("to_k", "to_v"), parent.to_kv
-        else:
-            order, fused = ("to_q", "to_k", "to_v"), parent.to_qkv
-        first = 0
-        for part in order:
-            rows = getattr(parent, part).out_features
-            if part == name:
-                return fused, first, rows, len(order)
-            first += rows
-    if not isinstance(own, nn.Linear):
-        raise ValueError(f"{component}.{module_path} is not a Linear layer")
-    return own, 0, own.out_features, 1
+    """The Linear that computes `layer`, the first of its output rows that are `layer`'s and
+    how many, and how many layers that Linear computes (`models.lora_fusion.layer_rows`)."""
+    module, rows, parts = layer_rows(pipe, layer)
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{layer[0]}.{layer[1]} is not a Linear layer")
+    first, stop, _ = rows.indices(module.out_features)
+    return module, first, stop - first, parts
 
 
 def adapter_layers(path: str | Path) -> set[Layer]:

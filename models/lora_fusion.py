@@ -248,28 +248,32 @@ def weight_of(pipe, layer: Layer) -> torch.Tensor:
 def weight_rows(pipe, layer: Layer) -> tuple[torch.Tensor, slice]:
     """The weight parameter that holds `layer`'s weights, and its rows that do: all of them,
     or, after `fuse_qkv_projections`, the layer's share of the fused q/k/v weight."""
-    component, module = layer
+    module, rows, _ = layer_rows(pipe, layer)
+    return module.weight, rows
+
+
+def layer_rows(pipe, layer: Layer) -> tuple[torch.nn.Module, slice, int]:
+    """The module that computes `layer`, the rows of its output (and weight) that are
+    `layer`'s, and how many layers that module computes: 1, or after `fuse_qkv_projections`
+    (diffusers' Attention then reads `to_qkv`, q, k and v stacked by rows, in self-attention,
+    and `to_q` and `to_kv`, k and v stacked, in cross-attention) the fused projection's 3 or 2."""
+    component, module_path = layer
     model = getattr(pipe, component)
-    parent_path, _, name = module.rpartition(".")
+    parent_path, _, name = module_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    if getattr(parent, "fused_projections", False) and name in ("to_q", "to_k", "to_v"):
-        return _fused_rows(parent, name)
-    return model.get_submodule(module).weight, slice(None)
-
-
-def _fused_rows(attention, name: str) -> tuple[torch.Tensor, slice]:
-    """diffusers' Attention after `fuse_projections`: self-attention reads `to_qkv` (q, k, v
-    stacked by rows), cross-attention reads `to_q` and `to_kv` (k, v stacked)."""
-    if not attention.is_cross_attention:
-        order, fused = ("to_q", "to_k", "to_v"), attention.to_qkv.weight
+    own = model.get_submodule(module_path)
+    if not getattr(parent, "fused_projections", False) or name not in ("to_q", "to_k", "to_v"):
+        return own, slice(None), 1
+    if not parent.is_cross_attention:
+        order, fused = ("to_q", "to_k", "to_v"), parent.to_qkv
     elif name == "to_q":
-        return attention.to_q.weight, slice(None)
+        return own, slice(None), 1
     else:
-        order, fused = ("to_k", "to_v"), attention.to_kv.weight
+        order, fused = ("to_k", "to_v"), parent.to_kv
     start = 0
     for part in order:
-        rows = getattr(attention, part).weight.shape[0]
+        rows = getattr(parent, part).weight.shape[0]
         if part == name:
-            return fused, slice(start, start + rows)
+            return fused, slice(start, start + rows), len(order)
         start += rows
     raise AssertionError(name)
