@@ -92,7 +92,7 @@ def _eligible(module: nn.Module) -> bool:
 def is_float8(weight: torch.Tensor) -> bool:
     """Whether `weight` is a torchao float8 tensor (its data in `qdata`, its row scales in
     `scale`)."""
-    return weight.dtype != getattr(weight, "qdata", weight).dtype and hasattr(weight, "scale")
+    return hasattr(weight, "qdata") and hasattr(weight, "scale")
 
 
 def parts(weight: torch.Tensor, rows: slice) -> tuple[torch.Tensor, ...]:
